@@ -1,0 +1,22 @@
+"""tokenreduce: training-free token reduction as a one-line switch, measured side by side.
+
+    import tokenreduce as tr
+    handle = tr.apply(model, tr.ToMeConfig(r=8))
+    ...
+    handle.remove()
+"""
+
+from . import adapters as _adapters  # noqa: F401  (registers adapters)
+from .api import Handle, apply, list_methods, remove, supported
+from .config import config_from_dict
+from .errors import AlreadyAppliedError, ConfigError, TokenReduceError, UnsupportedModelError
+from .methods import EViTConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig
+from .registry import register_adapter, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyAppliedError", "ConfigError", "EViTConfig", "FiCoCoVConfig", "Handle", "PoolingConfig", "RandomConfig",
+    "ToMeConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
+    "list_methods", "register_adapter", "register_method", "remove", "supported",
+]

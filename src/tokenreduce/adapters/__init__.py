@@ -1,0 +1,3 @@
+"""Model adapters. Importing this package registers them."""
+
+from . import vit  # noqa: F401

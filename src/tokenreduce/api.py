@@ -1,0 +1,126 @@
+"""apply / remove / Handle: the whole user-facing lifecycle.
+
+``apply`` validates the config, resolves the adapter, checks compatibility and
+solves the schedule for the model's default input *before* touching the model,
+so a bad call leaves the model exactly as it was (DESIGN.md sec. 4.9). Every
+change is recorded as an undo action; ``remove`` runs them in reverse order and
+restores the original model bit for bit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+from . import registry
+from .config import ReductionConfig
+from .errors import AlreadyAppliedError, ConfigError, UnsupportedModelError
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+
+
+class Handle:
+    """A method attached to a model: ``stats()``, ``reset()``, ``remove()``; also a context manager."""
+
+    def __init__(self, model: nn.Module, config: ReductionConfig, method: Any, adapter: Any, undo: list, run: Any) -> None:
+        self.model = model
+        self.config = config
+        self.method = method
+        self.adapter = adapter
+        self._undo = undo
+        self._run = run
+        self._modules = adapter.modules_touched()
+        self.active = True
+
+    def remove(self) -> None:
+        """Detach the method; the model computes exactly what it computed before ``apply``."""
+        if not self.active:
+            return
+        for action in reversed(self._undo):
+            action()
+        for module in self._modules:
+            _ATTACHED.pop(module, None)
+        self.active = False
+
+    def reset(self) -> None:
+        """Forget per-run state and counters (the next forward starts fresh)."""
+        self._run.forwards = 0
+        self._run.tokens_per_layer = []
+
+    def stats(self) -> dict[str, Any]:
+        """What the last forward did: tokens entering and leaving each layer, and the schedule."""
+        run = self._run
+        return {
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "model": type(self.model).__name__,
+            "active": self.active,
+            "forwards": run.forwards,
+            "tokens_in": run.tokens_in,
+            "tokens_per_layer": list(run.tokens_per_layer),
+            "tokens_out": run.tokens_per_layer[-1] if run.tokens_per_layer else run.tokens_in,
+            "removed_per_layer": list(run.schedule),
+        }
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle({self.config!r} on {type(self.model).__name__}, active={self.active})"
+
+
+def apply(model: nn.Module, config: ReductionConfig) -> Handle:
+    """Attach the method described by ``config`` to ``model`` in place and return its :class:`Handle`."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"tokenreduce.apply expects a torch.nn.Module (a timm or Hugging Face model), got {type(model).__name__}"
+        )
+    method_cls = registry.method_for(config)
+    adapter = registry.adapter_for(model)(model)
+    if not method_cls.sites & adapter.sites:
+        raise UnsupportedModelError(
+            f"{config.method} acts on {sorted(method_cls.sites)} sites but {type(model).__name__} offers {sorted(adapter.sites)}; "
+            f"methods for this model: {', '.join(supported(model))}"
+        )
+    busy = [m for m in adapter.modules_touched() if m in _ATTACHED]
+    if busy:
+        raise AlreadyAppliedError(
+            f"{type(model).__name__} already has {_ATTACHED[busy[0]].config.method!r} attached; "
+            "call handle.remove() (or tokenreduce.remove(model)) before applying another method"
+        )
+    method = method_cls(config, adapter.describe())
+    undo, run = adapter.attach(method)
+    handle = Handle(model, config, method, adapter, undo, run)
+    for module in handle._modules:
+        _ATTACHED[module] = handle
+    return handle
+
+
+def remove(model: nn.Module) -> int:
+    """Remove every tokenreduce method attached to ``model`` or its submodules; returns how many."""
+    handles = {id(h): h for m in model.modules() if (h := _ATTACHED.get(m)) is not None}
+    for handle in handles.values():
+        handle.remove()
+    return len(handles)
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method."""
+    return registry.method_names()
+
+
+def supported(model: nn.Module) -> list[str]:
+    """Names of the methods that can be applied to ``model`` (empty if no adapter knows it)."""
+    try:
+        adapter_cls = registry.adapter_for(model)
+    except UnsupportedModelError:
+        return []
+    return [cfg.method for cfg in registry.method_configs() if registry.method_for_class(cfg).sites & adapter_cls.sites]
+
+
+__all__ = ["ConfigError", "Handle", "apply", "list_methods", "remove", "supported"]

@@ -1,0 +1,165 @@
+"""The merge slot: run a pre-norm transformer block in two halves with a reduction between them.
+
+ToMe, EViT and FiCoCo-V act after a block's attention and before its MLP, so the
+MLP already runs on fewer tokens (METHODS.md hook H1). This module owns that
+block forward for any architecture an adapter describes with a :class:`BlockSeam`;
+it knows nothing about module names. Per forward pass it carries the token
+bookkeeping (sizes for proportional attention, original indices for grid-aware
+methods) from block to block. The contract test "zero strength == original
+forward, bit for bit" guards every adapter's seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops.merge import TokenPlan, apply_plan, size_bias
+
+
+@dataclass
+class QKCapture:
+    """Holds the q and k [B, H, N, d] a block's attention computed in the current forward."""
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.q = self.k = None
+
+
+@dataclass(frozen=True)
+class BlockSeam:
+    """How to run one block in halves; provided by an adapter.
+
+    attend(x, mask, kwargs) -> x after the attention residual;
+    feed_forward(x) -> x after the MLP residual;
+    split_args(args, kwargs) -> (mask, remaining attention kwargs) from the block's call;
+    install_capture(capture) -> hook handles that fill ``capture`` with q and k.
+    """
+
+    module: nn.Module
+    attend: Callable[[torch.Tensor, torch.Tensor | None, dict[str, Any]], torch.Tensor]
+    feed_forward: Callable[[torch.Tensor], torch.Tensor]
+    split_args: Callable[[tuple, dict], tuple[torch.Tensor | None, dict[str, Any]]]
+    install_capture: Callable[[QKCapture], list[Any]]
+    scale: float
+
+
+@dataclass(frozen=True)
+class Site:
+    """Everything a method may read at one merge slot (one block, one forward)."""
+
+    x: torch.Tensor  # [B, N, C] hidden states after the attention residual
+    q: torch.Tensor  # [B, H, N, d]
+    k: torch.Tensor  # [B, H, N, d]
+    scale: float
+    positions: torch.Tensor  # [B, N] original token index, -1 for tokens created by a reduction
+    sizes: torch.Tensor | None  # [B, N] tokens represented by each token, None = all 1
+    protected: int  # leading tokens never discarded ([CLS], registers)
+    has_cls: bool
+    grid: tuple[int, int]  # original patch grid (rows, cols)
+    layer: int
+    remove: int  # net tokens this step must remove
+
+
+@dataclass
+class TowerRun:
+    """Per-forward token bookkeeping plus what stats() reports about the last forward."""
+
+    protected: int
+    has_cls: bool
+    grid_for: Callable[[int], tuple[int, int]]
+    method: Any
+    positions: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    grid: tuple[int, int] = (0, 0)
+    schedule: list[int] = field(default_factory=list)
+    tokens_per_layer: list[int] = field(default_factory=list)
+    tokens_in: int = 0
+    forwards: int = 0
+
+    def begin(self, x: torch.Tensor) -> None:
+        """Start a forward pass: fresh positions, unit sizes, this input's schedule."""
+        batch, n, _ = x.shape
+        self.positions = torch.arange(n, device=x.device).expand(batch, n)
+        self.sizes = None
+        self.grid = self.grid_for(n - self.protected)
+        self.schedule = self.method.schedule(n - self.protected)
+        self.tokens_in = n
+        self.tokens_per_layer = []
+        self.forwards += 1
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.sizes is None or not self.method.prop_attn:
+            return None
+        return size_bias(self.sizes, dtype)
+
+    def reduce(self, layer: int, x: torch.Tensor, seam: BlockSeam, capture: QKCapture) -> torch.Tensor:
+        remove = self.schedule[layer] if layer < len(self.schedule) else 0
+        if remove:
+            site = Site(
+                x=x, q=capture.q, k=capture.k, scale=seam.scale, positions=self.positions, sizes=self.sizes,
+                protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
+            )
+            plan = self.method.plan(site)
+            x = self._apply(plan, x)
+        capture.clear()
+        self.tokens_per_layer.append(x.shape[1])
+        return x
+
+    def _apply(self, plan: TokenPlan, x: torch.Tensor) -> torch.Tensor:
+        x, sizes = apply_plan(plan, x, self.sizes)
+        self.sizes = sizes if self.method.track_sizes else None
+        positions = torch.gather(self.positions, 1, plan.keep)
+        if plan.new_tokens:
+            extra = plan.new_positions if plan.new_positions is not None else positions.new_full((x.shape[0], plan.new_tokens), -1)
+            positions = torch.cat([positions, extra], dim=1)
+        self.positions = positions
+        return x
+
+
+def own_block_forwards(seams: list[BlockSeam], run: TowerRun) -> list[Callable[[], None]]:
+    """Replace each block's forward (instance attribute) with the two-half forward; return undo actions."""
+    undo: list[Callable[[], None]] = []
+    for layer, seam in enumerate(seams):
+        capture = QKCapture()
+        handles = seam.install_capture(capture)
+        undo.extend(h.remove for h in handles)
+        undo.append(_replace_forward(seam.module, _two_half_forward(layer, seam, capture, run)))
+    return undo
+
+
+def _two_half_forward(layer: int, seam: BlockSeam, capture: QKCapture, run: TowerRun) -> Callable[..., torch.Tensor]:
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mask, attn_kwargs = seam.split_args(args, kwargs)
+        if layer == 0:
+            run.begin(x)
+        if mask is not None and x.shape[1] != run.tokens_in:
+            raise ValueError("tokenreduce: an attention mask over the original tokens cannot follow reduced tokens; call the vision model without an attention mask")
+        bias = run.attention_bias(x.dtype)
+        if bias is not None:
+            mask = bias if mask is None else mask + bias
+        x = seam.attend(x, mask, attn_kwargs)
+        x = run.reduce(layer, x, seam, capture)
+        return seam.feed_forward(x)
+
+    return forward
+
+
+def _replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+
+    def restore() -> None:
+        if had_own:
+            module.forward = previous
+        else:
+            del module.forward
+
+    return restore

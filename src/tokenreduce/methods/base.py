@@ -1,0 +1,61 @@
+"""What every method is: a config, the sites it acts on, a schedule and a plan per site."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..config import ReductionConfig
+from ..errors import ConfigError
+from ..merge_slot import Site
+from ..ops.merge import TokenPlan
+
+
+class Method:
+    """A token-reduction method bound to one model.
+
+    Subclasses implement :meth:`solve` (budget -> net tokens removed at each layer,
+    for an input with a given number of reducible tokens) and :meth:`plan`
+    (filter + correlate at one site). ``track_sizes`` carries token sizes from
+    layer to layer; ``prop_attn`` adds log(size) to attention logits.
+    """
+
+    sites: ClassVar[frozenset[str]] = frozenset({"vit"})
+    description: ClassVar[str] = ""
+    track_sizes: bool = False
+    prop_attn: bool = False
+
+    def __init__(self, config: ReductionConfig, facts: dict[str, Any]) -> None:
+        self.config = config
+        self.facts = facts
+        self._schedules: dict[int, list[int]] = {}
+        self.schedule(facts["reducible_tokens"])
+
+    @property
+    def num_layers(self) -> int:
+        return self.facts["num_layers"]
+
+    def check_layers(self, layers: tuple[int, ...] | list[int], field: str) -> list[int]:
+        """Layers must exist in this model."""
+        bad = [i for i in layers if i >= self.num_layers]
+        if bad:
+            raise ConfigError(f"{type(self.config).__name__}: {field} {bad} out of range; this model has layers 0..{self.num_layers - 1}")
+        return list(layers)
+
+    def schedule(self, reducible: int) -> list[int]:
+        """Net tokens removed at each layer for an input with ``reducible`` tokens (cached per count)."""
+        if reducible not in self._schedules:
+            self._schedules[reducible] = self.solve(reducible)
+        return self._schedules[reducible]
+
+    def solve(self, reducible: int) -> list[int]:
+        raise NotImplementedError
+
+    def plan(self, site: Site) -> TokenPlan:
+        raise NotImplementedError
+
+    def at_layers(self, layers: list[int], removals: list[int]) -> list[int]:
+        """Spread per-reduction removals onto a full-depth schedule."""
+        schedule = [0] * self.num_layers
+        for layer, r in zip(layers, removals):
+            schedule[layer] = r
+        return schedule

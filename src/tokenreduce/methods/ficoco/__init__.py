@@ -1,0 +1,5 @@
+"""FiCoCo: Filter, Correlate, Compress (Han, Liu et al., arXiv 2411.17686, AAAI 2026)."""
+
+from .vision import FiCoCoV, FiCoCoVConfig
+
+__all__ = ["FiCoCoV", "FiCoCoVConfig"]

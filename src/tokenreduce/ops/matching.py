@@ -1,0 +1,95 @@
+"""Filter and correlate kernels: choose what to keep and where discarded tokens go.
+
+Each returns indices in the current token order and is batched over samples
+(decisions are per sample, never averaged over the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .merge import TokenPlan, complement, output_index
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> TokenPlan:
+    """ToMe's matching (arXiv 2210.09461, sec. 3 "Token Merging").
+
+    Tokens alternate into sets A (even positions) and B (odd positions); each A
+    token finds its most similar B token by cosine similarity of ``metric``
+    [B, N, C] (the layer's mean-over-heads keys); the r A-tokens with the best
+    matches are folded into their B partners with weight 1 (size-weighted average
+    in :func:`apply_plan`). The first ``protected`` tokens ([CLS], registers) are
+    never merged and never targets. Unlike the reference, survivors stay in their
+    original order, so [CLS] stays at index 0 and grids stay readable.
+    """
+    batch, n, _ = metric.shape
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, 0::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|]
+    a_protected = (protected + 1) // 2
+    b_protected = protected // 2
+    scores[:, :a_protected] = -torch.inf
+    scores[:, :, :b_protected] = -torch.inf
+    best_score, best_b = scores.max(dim=-1)  # [B, |A|]
+    order = best_score.argsort(dim=-1, descending=True, stable=True)
+    merged_a = order[:, :r]  # positions within A
+    src = merged_a * 2  # current indices
+    dst_current = torch.gather(best_b, 1, merged_a) * 2 + 1
+    keep = complement(src, n)
+    dst = torch.gather(output_index(keep, n), 1, dst_current)
+    weight = torch.ones(batch, r, 1, dtype=torch.float32, device=metric.device)
+    return TokenPlan(keep=keep, merge_src=src, merge_dst=dst.unsqueeze(-1), merge_weight=weight)
+
+
+def max_bipartite_merges(n: int, protected: int) -> int:
+    """How many tokens one ToMe step can remove from n tokens: |A| minus protected A tokens."""
+    return (n + 1) // 2 - (protected + 1) // 2
+
+
+def keep_top(scores: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:
+    """Filter by score: the ``protected`` leading tokens plus the top-k of the rest, ascending order.
+
+    scores: [B, N] (higher = keep). Returns [B, protected + k] long.
+    """
+    batch, n = scores.shape
+    top = scores[:, protected:].topk(k, dim=-1).indices + protected
+    head = torch.arange(protected, device=scores.device).expand(batch, protected)
+    return torch.cat([head, top.sort(dim=-1).values], dim=1)
+
+
+def quantile_targets(correlation: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FiCoCo's token-adaptive correlate (arXiv 2411.17686, sec. 3.2, eqs. 5-6).
+
+    correlation: [B, D, M], each discarded token's scores over the M candidate targets.
+    A token's targets are the candidates above the epsilon-quantile of its own row
+    (at least its best one); weights are the softmax of its scores restricted to
+    those targets, so they sum to 1. Returns (targets [B, D, T] into the M
+    candidates, weights [B, D, T]) with T the largest target count in the batch;
+    unused slots have weight 0.
+    """
+    scores = correlation.float()
+    threshold = torch.quantile(scores, epsilon, dim=-1, keepdim=True)
+    count = (scores > threshold).sum(dim=-1).clamp_min(1)  # [B, D]
+    width = int(count.max()) if count.numel() else 1
+    top_scores, top_index = scores.topk(width, dim=-1)
+    valid = torch.arange(width, device=scores.device) < count.unsqueeze(-1)
+    weights = torch.softmax(top_scores.masked_fill(~valid, -torch.inf), dim=-1)
+    return top_index, weights
+
+
+def plan_prune(keep: torch.Tensor) -> TokenPlan:
+    """A plan that keeps ``keep`` and drops every other token."""
+    return TokenPlan(keep=keep)
+
+
+def plan_fold(keep: torch.Tensor, n: int, targets: torch.Tensor, weights: torch.Tensor) -> TokenPlan:
+    """Fold every discarded token into kept tokens.
+
+    keep: [B, K] ascending kept indices; targets: [B, N-K, T] current indices of
+    each discarded token's targets (discarded tokens in ascending order); weights:
+    [B, N-K, T].
+    """
+    table = output_index(keep, n)
+    discard = complement(keep, n)
+    dst = torch.gather(table, 1, targets.flatten(1)).view_as(targets)
+    return TokenPlan(keep=keep, merge_src=discard, merge_dst=dst, merge_weight=weights)
