@@ -20,6 +20,8 @@ from torch import nn
 
 from .ops.merge import TokenPlan, apply_plan, size_bias
 
+OVERHEAD_LABEL = "tokenreduce.reduce"  # profiler range around scoring + merging, for overhead measurements
+
 
 @dataclass
 class QKCapture:
@@ -102,15 +104,18 @@ class TowerRun:
     def reduce(self, layer: int, x: torch.Tensor, seam: BlockSeam, capture: QKCapture) -> torch.Tensor:
         remove = self.schedule[layer] if layer < len(self.schedule) else 0
         if remove:
-            site = Site(
-                x=x, q=capture.q, k=capture.k, scale=seam.scale, positions=self.positions, sizes=self.sizes,
-                protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
-            )
-            plan = self.method.plan(site)
-            x = self._apply(plan, x)
+            with torch.profiler.record_function(OVERHEAD_LABEL):
+                x = self._reduce(layer, remove, x, seam, capture)
         capture.clear()
         self.tokens_per_layer.append(x.shape[1])
         return x
+
+    def _reduce(self, layer: int, remove: int, x: torch.Tensor, seam: BlockSeam, capture: QKCapture) -> torch.Tensor:
+        site = Site(
+            x=x, q=capture.q, k=capture.k, scale=seam.scale, positions=self.positions, sizes=self.sizes,
+            protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
+        )
+        return self._apply(self.method.plan(site), x)
 
     def _apply(self, plan: TokenPlan, x: torch.Tensor) -> torch.Tensor:
         x, sizes = apply_plan(plan, x, self.sizes)

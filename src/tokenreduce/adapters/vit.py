@@ -100,13 +100,18 @@ def _sequential(modules: list[nn.Module]) -> Any:
 
 
 class VitTowerAdapter(Adapter):
-    """Token reduction between attention and MLP of every block of a ViT-style encoder."""
+    """Token reduction between attention and MLP of every block of a ViT-style encoder.
+
+    To support another ViT class, subclass with a fixed ``tower`` and register it:
+    ``@tr.register_adapter(MyViT) class MyAdapter(VitTowerAdapter): tower = TowerSpec("blocks", TIMM_BLOCK, True)``.
+    """
 
     sites = frozenset({"vit"})
+    tower: TowerSpec | None = None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        spec = _spec_for(model)
+        spec = self.tower or _spec_for(model)
         self.spec = spec
         self.blocks: list[nn.Module] = list(model.get_submodule(spec.blocks))
         layout = spec.layout
