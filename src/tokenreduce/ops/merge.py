@@ -56,10 +56,14 @@ class TokenPlan:
 
 
 def complement(discard: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, D] discarded indices -> [B, n-D] kept indices, ascending."""
-    mask = torch.ones(discard.shape[0], n, dtype=torch.bool, device=discard.device)
-    mask.scatter_(1, discard, False)
-    return mask.nonzero()[:, 1].view(discard.shape[0], n - discard.shape[1])
+    """[B, D] discarded indices -> [B, n-D] kept indices, ascending.
+
+    A stable sort of the keep mask instead of ``nonzero``: no host sync on GPUs and
+    it runs on the ``meta`` device (FLOP counting of large shapes).
+    """
+    dropped = torch.zeros(discard.shape[0], n, dtype=torch.uint8, device=discard.device)
+    dropped.scatter_(1, discard, 1)
+    return dropped.sort(dim=1, stable=True).indices[:, : n - discard.shape[1]]
 
 
 def output_index(keep: torch.Tensor, n: int) -> torch.Tensor:
