@@ -1,0 +1,209 @@
+"""The benchmark harness: every method against the unreduced model, in one run.
+
+For each candidate config it measures, on the same inputs and in the same
+process: tokens kept, FLOPs per image (FlopCounterMode, CPU SDPA counted), latency
+(A/B interleaved with the unreduced model, medians), peak memory, and quality
+against the unreduced model (top-1 agreement, KL) and, where labels exist,
+accuracy. Candidates are structural copies of the model that share its weights,
+so interleaving many methods costs no extra parameter memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import api, registry
+from .config import ReductionConfig
+from .measure import count_flops, kl_divergence, peak_memory, speedup, time_interleaved, top1_agreement
+from .measure import accuracy as label_accuracy
+
+
+@dataclass
+class Target:
+    """A model to benchmark with its evaluation inputs (labels where the task has them)."""
+
+    name: str
+    model: nn.Module
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    method: str
+    config: dict[str, Any] | None
+    tokens_in: int
+    tokens_out: int
+    gflops: float
+    ideal_speedup: float
+    latency_ms: float
+    speedup: float
+    efficiency: float  # measured speedup / ideal speedup
+    peak_mb: float
+    accuracy: float | None
+    agreement: float
+    kl: float
+
+
+def load_target(spec: str, *, samples: int = 256, pretrained: bool = False, dtype: torch.dtype = torch.float32) -> Target:
+    """Resolve ``zoo:NAME``, ``timm:NAME`` (or a bare timm model name) or a Hub id / local path."""
+    if spec.startswith("zoo:"):
+        from . import zoo
+
+        name = spec[4:]
+        model = zoo.load_model(name, dtype=dtype)
+        inputs, labels = zoo.load_eval_data(name, "test")
+        return Target(spec, model, inputs[:samples].to(dtype), labels[:samples], _hf_logits)
+    import timm
+
+    name = spec.removeprefix("timm:")
+    if spec.startswith("timm:") or (not Path(spec).exists() and timm.is_model(name)):
+        model = timm.create_model(name, pretrained=pretrained).eval().to(dtype)
+        size = model.default_cfg.get("input_size", (3, 224, 224))
+        return Target(spec, model, _random_images(samples, size, dtype), None, _timm_logits)
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(spec)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(spec, dtype=dtype)
+    except ValueError:
+        model = AutoModel.from_pretrained(spec, dtype=dtype)
+    vision = getattr(config, "vision_config", config)
+    size = (vision.num_channels, vision.image_size, vision.image_size)
+    return Target(spec, model.eval(), _random_images(samples, size, dtype), None, _hf_logits)
+
+
+def _random_images(count: int, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(count, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _hf_logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=pixels)
+    return out.logits if getattr(out, "logits", None) is not None else out.pooler_output
+
+
+def _timm_logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model(pixels)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy that shares parameters and buffers with ``model`` (no weight memory)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def run(
+    target: Target,
+    configs: Iterable[ReductionConfig],
+    *,
+    batch_size: int = 64,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> list[Row]:
+    """Benchmark the unreduced model and every config; returns the base row first."""
+    configs = list(configs)
+    copies = [shared_copy(target.model) for _ in configs]
+    handles = [api.apply(model, config) for model, config in zip(copies, configs)]
+    models = [target.model, *copies]
+    try:
+        with torch.inference_mode():
+            return _measure(target, models, handles, batch_size, warmup, repeats, progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _measure(target, models, handles, batch_size, warmup, repeats, progress) -> list[Row]:
+    batch = target.inputs[:batch_size]
+    logits = [torch.cat([target.logits(m, chunk) for chunk in target.inputs.split(batch_size)]) for m in progress(models)]
+    flops, tokens = [], []
+    for model, handle in zip(models, [None, *handles]):
+        flops.append(count_flops(lambda m=model: target.logits(m, batch[:1])).total)
+        tokens.append((handle.stats()["tokens_in"], handle.stats()["tokens_out"]) if handle else None)
+    timings = time_interleaved({str(i): (lambda m=m: target.logits(m, batch)) for i, m in enumerate(models)}, warmup, repeats)
+    memory = [peak_memory(lambda m=m: target.logits(m, batch)).delta_bytes for m in models]
+    base_tokens = tokens[1] if len(tokens) > 1 else None
+    rows = []
+    for i, handle in enumerate([None, *handles]):
+        tokens_in, tokens_out = tokens[i] or ((base_tokens[0],) * 2 if base_tokens else (0, 0))
+        ideal = flops[0] / flops[i]
+        measured = speedup(timings["0"], timings[str(i)])
+        rows.append(Row(
+            method=handle.config.method if handle else "base",
+            config=handle.config.to_dict() if handle else None,
+            tokens_in=tokens_in, tokens_out=tokens_out, gflops=flops[i] / 1e9, ideal_speedup=ideal,
+            latency_ms=timings[str(i)].median * 1e3, speedup=measured, efficiency=measured / ideal,
+            peak_mb=memory[i] / 2**20,
+            accuracy=label_accuracy(logits[i], target.labels) if target.labels is not None else None,
+            agreement=top1_agreement(logits[0], logits[i]), kl=kl_divergence(logits[0], logits[i]),
+        ))
+    return rows
+
+
+def sweep_configs(methods: list[str], keeps: list[int], ratios: list[float], extra: dict[str, Any]) -> list[ReductionConfig]:
+    """Every method x every budget, with the same extra fields for all."""
+    budgets = [{"keep": k} for k in keeps] + [{"ratio": r} for r in ratios]
+    return [registry.config_class(m)(**budget, **extra) for m in methods for budget in budgets or [{}]]
+
+
+def rows_to_json(target: Target, rows: list[Row]) -> dict[str, Any]:
+    return {"model": target.name, "samples": len(target.inputs), "rows": [asdict(r) for r in rows]}
+
+
+def format_table(rows: list[Row]) -> str:
+    """A fixed-width text table of the results."""
+    head = ["method", "budget", "tokens", "GFLOPs", "ideal x", "measured x", "meas/ideal", "latency ms", "peak MB", "acc %", "agree %", "KL"]
+    lines = [head]
+    for r in rows:
+        budget = _budget_label(r.config)
+        acc = f"{100 * r.accuracy:.1f}" if r.accuracy is not None else "-"
+        lines.append([
+            r.method, budget, f"{r.tokens_in}->{r.tokens_out}", f"{r.gflops:.4f}", f"{r.ideal_speedup:.2f}",
+            f"{r.speedup:.2f}", f"{r.efficiency:.2f}", f"{r.latency_ms:.2f}", f"{r.peak_mb:.1f}", acc,
+            f"{100 * r.agreement:.1f}", f"{r.kl:.4f}",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines)
+
+
+def _budget_label(config: dict[str, Any] | None) -> str:
+    if not config:
+        return "-"
+    for key in ("keep", "ratio", "r", "keep_rate"):
+        if config.get(key) is not None:
+            return f"{key}={config[key]}"
+    return "default"
+
+
+def plot_pareto(rows: list[Row], path: str | Path, title: str) -> None:
+    """Accuracy (or agreement without labels) against GFLOPs, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_accuracy = rows[0].accuracy is not None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r.method for r in rows):
+        points = sorted((r.gflops, 100 * (r.accuracy if use_accuracy else r.agreement)) for r in rows if r.method == method)
+        style = dict(marker="*", markersize=14, linestyle="none", color="black") if method == "base" else dict(marker="o")
+        ax.plot(*zip(*points), label=method, **style)
+    ax.set_xlabel("GFLOPs per image (2 x MACs)")
+    ax.set_ylabel("accuracy (%)" if use_accuracy else "top-1 agreement with the unreduced model (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""``tokenreduce`` command line: ``bench`` (measure methods side by side) and ``methods`` (what exists)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any
+
+import torch
+
+from . import bench, registry
+from .errors import TokenReduceError
+
+DEFAULT_MODEL = "zoo:digits-vit"
+SWEEP_RATIOS = [0.25, 0.5, 0.75]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenreduce", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    methods = commands.add_parser("methods", help="list the registered methods")
+    methods.add_argument("--markdown", action="store_true", help="print a Markdown table (used for the README)")
+
+    run = commands.add_parser("bench", help="measure methods against the unreduced model")
+    run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="zoo:NAME, timm:NAME, a Hub id or a local path (default: %(default)s)")
+    run.add_argument("--method", nargs="+", default=[], help="method name(s); 'all' for every method supported by the model")
+    budget = run.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, nargs="+", default=[], help="reducible tokens kept (one or more budgets)")
+    budget.add_argument("--ratio", type=float, nargs="+", default=[], help="fraction of reducible tokens removed")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config field, e.g. --set inflection=-1")
+    run.add_argument("--sweep", action="store_true", help=f"every supported method at ratios {SWEEP_RATIOS} unless --method/--keep/--ratio narrow it")
+    run.add_argument("--samples", type=int, default=360, help="evaluation images (default: %(default)s)")
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate (interleaved)")
+    run.add_argument("--warmup", type=int, default=2)
+    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    run.add_argument("--pretrained", action="store_true", help="timm models: load pretrained weights (needs them cached)")
+    run.add_argument("--out", help="write the results as JSON")
+    run.add_argument("--plot", help="write a Pareto plot (PNG) of quality against GFLOPs")
+    run.add_argument("--no-progress", action="store_true")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "methods":
+            print(methods_table(markdown=args.markdown))
+            return 0
+        return _bench(args)
+    except (TokenReduceError, ValueError, OSError) as error:
+        print(f"tokenreduce: error: {error}", file=sys.stderr)
+        return 2
+
+
+def methods_table(markdown: bool = False) -> str:
+    """The registered methods with their config class and description (generated, never kept by hand)."""
+    rows = [(cls.method, cls.__name__, ", ".join(sorted(registry.method_for_class(cls).sites)), registry.method_for_class(cls).description)
+            for cls in registry.method_configs()]
+    if markdown:
+        lines = ["| method | config | sites | what it does |", "|---|---|---|---|"]
+        return "\n".join(lines + [f"| `{m}` | `{c}` | {s} | {d} |" for m, c, s, d in rows])
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{m.ljust(width)}  {c:<16} {d}" for m, c, _, d in rows)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            extra[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            extra[key] = value
+    return extra
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    target = bench.load_target(args.model, samples=args.samples, pretrained=args.pretrained, dtype=dtype)
+    from .api import supported
+
+    methods = args.method
+    if methods == ["all"] or (args.sweep and not methods):
+        methods = supported(target.model)
+    if not methods:
+        raise ValueError("give --method NAME (see `tokenreduce methods`) or --sweep")
+    ratios = args.ratio or ([] if args.keep else SWEEP_RATIOS if args.sweep else [])
+    configs = bench.sweep_configs(methods, args.keep, ratios, _parse_sets(args.set))
+    progress = _progress(len(configs) + 1, disable=args.no_progress)
+    rows = bench.run(target, configs, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, progress=progress)
+    print(f"{target.name}: {len(target.inputs)} samples, batch {args.batch_size}, {args.dtype}, latency = median of {args.repeats} interleaved runs")
+    print(bench.format_table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(bench.rows_to_json(target, rows), f, indent=2)
+    if args.plot:
+        bench.plot_pareto(rows, args.plot, target.name)
+    return 0
+
+
+def _progress(total: int, disable: bool):
+    from tqdm import tqdm
+
+    def wrap(items):
+        return tqdm(items, total=total, desc="evaluating", disable=disable, file=sys.stderr)
+
+    return wrap
+
+
+if __name__ == "__main__":
+    sys.exit(main())
