@@ -42,14 +42,14 @@ def pooling_cells(k: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Ten
 
     Cell i of an axis of length n pooled to m covers [floor(i n / m), ceil((i+1) n / m)),
     the same windows as ``torch.nn.functional.adaptive_avg_pool2d``. A patch may fall
-    in up to 2 cells per axis. Returns (cells [rows*cols, 4] cell index of each
-    patch's memberships, weights [rows*cols, 4] with 1 for a membership, 0 for padding).
+    in up to 2 cells per axis. Returns (cells [rows*cols, min(4, k)] cell index of each
+    patch's memberships, weights [rows*cols, min(4, k)] with 1 for a membership, 0 for padding).
     """
     out_rows, out_cols = factor_grid(k, rows, cols)
     row_member = _axis_membership(rows, out_rows)  # [out_rows, rows]
     col_member = _axis_membership(cols, out_cols)
     member = (row_member[:, None, :, None] & col_member[None, :, None, :]).reshape(out_rows * out_cols, rows * cols)
-    weights, cells = member.T.float().topk(4, dim=-1)
+    weights, cells = member.T.float().topk(min(4, k), dim=-1)
     return cells, weights
 
 

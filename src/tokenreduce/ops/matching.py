@@ -42,7 +42,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
 
 
 def max_bipartite_merges(n: int, protected: int) -> int:
-    """How many tokens one ToMe step can remove from n tokens: |A| minus protected A tokens."""
+    """How many tokens one ToMe step can remove from n tokens: |A| minus protected A tokens (0 if B has no unprotected token)."""
+    if n // 2 <= protected // 2:
+        return 0
     return (n + 1) // 2 - (protected + 1) // 2
 
 
