@@ -55,14 +55,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def methods_table(markdown: bool = False) -> str:
-    """The registered methods with their config class and description (generated, never kept by hand)."""
-    rows = [(cls.method, cls.__name__, ", ".join(sorted(registry.method_for_class(cls).sites)), registry.method_for_class(cls).description)
-            for cls in registry.method_configs()]
-    if markdown:
-        lines = ["| method | config | sites | what it does |", "|---|---|---|---|"]
-        return "\n".join(lines + [f"| `{m}` | `{c}` | {s} | {d} |" for m, c, s, d in rows])
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{m.ljust(width)}  {c:<16} {d}" for m, c, _, d in rows)
+    """The registered methods and the model classes they apply to (generated, never kept by hand)."""
+    configs = registry.method_configs()
+    rows = [(cls.method, cls.__name__, registry.method_for_class(cls)) for cls in configs]
+    if not markdown:
+        width = max(len(m) for m, _, _ in rows)
+        return "\n".join(f"{m.ljust(width)}  {c:<16} {method.description}" for m, c, method in rows)
+    lines = ["| method | config | what it does |", "|---|---|---|"]
+    lines += [f"| `{m}` | `{c}` | {method.description} |" for m, c, method in rows]
+    lines += ["", "| model class | " + " | ".join(f"`{m}`" for m, _, _ in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for path, adapter in sorted(registry.adapter_classes().items(), key=lambda item: item[0].rsplit(".", 1)[-1]):
+        marks = ["yes" if method.sites & adapter.sites else "" for _, _, method in rows]
+        lines.append(f"| `{path.rsplit('.', 1)[-1]}` | " + " | ".join(marks) + " |")
+    return "\n".join(lines)
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

@@ -1,0 +1,55 @@
+"""The command line: `tokenreduce methods` and `tokenreduce bench` on a model saved locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import vit_fixtures as fx
+
+from tokenreduce import cli
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_methods_lists_every_method(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ["tome", "evit", "ficoco_v", "random", "uniform", "pooling"]:
+        assert name in out
+
+
+def test_readme_method_tables_are_generated_from_the_registry():
+    assert cli.methods_table(markdown=True) in README.read_text(), "regenerate with `tokenreduce methods --markdown`"
+
+
+@pytest.fixture(scope="module")
+def saved_vit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vit")
+    fx.build("hf_vit_cls").save_pretrained(path)
+    return path
+
+
+def test_bench_from_pretrained_path_writes_json_and_plot(saved_vit, tmp_path, capsys):
+    out, plot = tmp_path / "r.json", tmp_path / "p.png"
+    code = cli.main([
+        "bench", str(saved_vit), "--method", "tome", "pooling", "--keep", "16", "32", "--samples", "8",
+        "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), "--plot", str(plot), "--no-progress",
+    ])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "meas/ideal" in table and "keep=16" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base", "tome", "tome", "pooling", "pooling"]
+    assert [r["tokens_out"] for r in rows] == [65, 17, 33, 17, 33]
+    assert rows[0]["agreement"] == 1.0 and rows[0]["ideal_speedup"] == 1.0
+    assert all(r["gflops"] < rows[0]["gflops"] for r in rows[1:])
+    assert plot.stat().st_size > 1000
+
+
+def test_bench_errors_are_one_clear_line(saved_vit, capsys):
+    assert cli.main(["bench", str(saved_vit), "--method", "fastest", "--keep", "4"]) == 2
+    assert "unknown method 'fastest'; available methods: tome" in capsys.readouterr().err
+    assert cli.main(["bench", str(saved_vit), "--method", "tome", "--keep", "500", "--samples", "4"]) == 2
+    assert "keep=500 is larger than the 64 reducible tokens" in capsys.readouterr().err
