@@ -10,6 +10,7 @@ import torch
 import vit_fixtures as fx
 
 import tokenreduce as tr
+from tokenreduce import registry
 from tokenreduce.adapters.vit import TIMM_BLOCK, TowerSpec, VitTowerAdapter
 
 
@@ -69,7 +70,9 @@ def test_configs_are_frozen():
         config.r = 4
 
 
-def test_register_adapter_for_a_new_class_and_mro_lookup():
+def test_register_adapter_for_a_new_class_and_mro_lookup(monkeypatch):
+    monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))  # keep the global registry clean
+
     class MyViT(timm.models.vision_transformer.VisionTransformer):
         pass
 

@@ -11,24 +11,18 @@ from ..ops.merge import TokenPlan
 
 
 class Method:
-    """A token-reduction method bound to one model.
+    """A method bound to one model: its config, the adapter's static facts and the sites it acts on.
 
-    Subclasses implement :meth:`solve` (budget -> net tokens removed at each layer,
-    for an input with a given number of reducible tokens) and :meth:`plan`
-    (filter + correlate at one site). ``track_sizes`` carries token sizes from
-    layer to layer; ``prop_attn`` adds log(size) to attention logits.
+    The constructor must raise :class:`ConfigError` for anything the config asks
+    that this model cannot do; it runs before the model is touched.
     """
 
-    sites: ClassVar[frozenset[str]] = frozenset({"vit"})
+    sites: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
-    track_sizes: bool = False
-    prop_attn: bool = False
 
     def __init__(self, config: ReductionConfig, facts: dict[str, Any]) -> None:
         self.config = config
         self.facts = facts
-        self._schedules: dict[int, list[int]] = {}
-        self.schedule(facts["reducible_tokens"])
 
     @property
     def num_layers(self) -> int:
@@ -40,6 +34,25 @@ class Method:
         if bad:
             raise ConfigError(f"{type(self.config).__name__}: {field} {bad} out of range; this model has layers 0..{self.num_layers - 1}")
         return list(layers)
+
+
+class VitMethod(Method):
+    """A method acting at the merge slots of ViT blocks (between attention and MLP).
+
+    Subclasses implement :meth:`solve` (budget -> net tokens removed at each layer,
+    for an input with a given number of reducible tokens) and :meth:`plan`
+    (filter + correlate at one site). ``track_sizes`` carries token sizes from
+    layer to layer; ``prop_attn`` adds log(size) to attention logits.
+    """
+
+    sites: ClassVar[frozenset[str]] = frozenset({"vit"})
+    track_sizes: bool = False
+    prop_attn: bool = False
+
+    def __init__(self, config: ReductionConfig, facts: dict[str, Any]) -> None:
+        super().__init__(config, facts)
+        self._schedules: dict[int, list[int]] = {}
+        self.schedule(facts["reducible_tokens"])
 
     def schedule(self, reducible: int) -> list[int]:
         """Net tokens removed at each layer for an input with ``reducible`` tokens (cached per count)."""

@@ -19,7 +19,7 @@ from ...ops.grid import factor_grid, pooling_cells, stride_indices
 from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan
 from ...registry import register_method
-from ..base import Method
+from ..base import VitMethod
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,7 @@ class PoolingConfig(SingleLayerConfig):
     method = "pooling"
 
 
-class SingleLayer(Method):
+class SingleLayer(VitMethod):
     """Shared schedule: everything removed at one layer, on the intact patch grid."""
 
     def solve(self, reducible: int) -> list[int]:

@@ -22,7 +22,7 @@ from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan, complement
 from ...ops.scoring import attention_received, cls_attention
 from ...registry import register_method
-from ..base import Method
+from ..base import VitMethod
 
 DEFAULT_KEEP_RATE = 0.7
 REFERENCE_LAYERS = (3, 6, 9)  # of a 12-block ViT
@@ -55,7 +55,7 @@ class EViTConfig(BudgetConfig):
 
 
 @register_method(EViTConfig)
-class EViT(Method):
+class EViT(VitMethod):
     description = "EViT: keep top [CLS]-attention patches, fuse the rest into one token"
 
     def layers(self) -> list[int]:

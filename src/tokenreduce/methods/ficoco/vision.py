@@ -32,7 +32,7 @@ from ...ops.matching import keep_top, plan_fold, quantile_targets
 from ...ops.merge import TokenPlan, complement, gather_tokens
 from ...ops.scoring import attention_logits, grid_cells, l2_normalize, mean_key_logits, window_penalty
 from ...registry import register_method
-from ..base import Method
+from ..base import VitMethod
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +77,7 @@ class FiCoCoVConfig(BudgetConfig):
 
 
 @register_method(FiCoCoVConfig)
-class FiCoCoV(Method):
+class FiCoCoV(VitMethod):
     description = "FiCoCo-V: redundancy filter with local penalty, quantile correlate, self-preserving merge"
 
     def __init__(self, config: FiCoCoVConfig, facts: dict) -> None:

@@ -19,7 +19,7 @@ from ...ops.matching import bipartite_soft_matching, max_bipartite_merges
 from ...ops.merge import TokenPlan
 from ...ops.scoring import mean_key
 from ...registry import register_method
-from ..base import Method
+from ..base import VitMethod
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +49,7 @@ class ToMeConfig(BudgetConfig):
 
 
 @register_method(ToMeConfig)
-class ToMe(Method):
+class ToMe(VitMethod):
     description = "Token Merging: bipartite soft matching on keys, size-weighted merge, proportional attention"
     track_sizes = True
 
