@@ -46,22 +46,16 @@ class Handle:
 
     def reset(self) -> None:
         """Forget per-run state and counters (the next forward starts fresh)."""
-        self._run.forwards = 0
-        self._run.tokens_per_layer = []
+        self._run.reset()
 
     def stats(self) -> dict[str, Any]:
-        """What the last forward did: tokens entering and leaving each layer, and the schedule."""
-        run = self._run
+        """What the last forward did (tokens per layer, schedule, ...), as reported by the adapter's run state."""
         return {
             "method": self.config.method,
             "config": self.config.to_dict(),
             "model": type(self.model).__name__,
             "active": self.active,
-            "forwards": run.forwards,
-            "tokens_in": run.tokens_in,
-            "tokens_per_layer": list(run.tokens_per_layer),
-            "tokens_out": run.tokens_per_layer[-1] if run.tokens_per_layer else run.tokens_in,
-            "removed_per_layer": list(run.schedule),
+            **self._run.stats(),
         }
 
     def __enter__(self) -> Handle:

@@ -96,6 +96,20 @@ class TowerRun:
         self.tokens_per_layer = []
         self.forwards += 1
 
+    def stats(self) -> dict[str, Any]:
+        """Tokens entering and leaving each layer in the last forward, and the schedule."""
+        return {
+            "forwards": self.forwards,
+            "tokens_in": self.tokens_in,
+            "tokens_per_layer": list(self.tokens_per_layer),
+            "tokens_out": self.tokens_per_layer[-1] if self.tokens_per_layer else self.tokens_in,
+            "removed_per_layer": list(self.schedule),
+        }
+
+    def reset(self) -> None:
+        self.forwards = 0
+        self.tokens_per_layer = []
+
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         if self.sizes is None or not self.method.prop_attn:
             return None
