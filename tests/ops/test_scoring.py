@@ -13,7 +13,7 @@ from tokenreduce.ops.scoring import (
     cls_attention,
     grid_cells,
     l2_normalize,
-    mean_key,
+    key_metric,
     mean_key_logits,
     row_attention,
     window_penalty,
@@ -108,9 +108,9 @@ def test_attention_received_hand_built():
     torch.testing.assert_close(attention_received(q, k, 1.0, chunk=2), torch.ones(1, 5))
 
 
-def test_mean_key_and_mean_key_logits():
+def test_key_metric_and_mean_key_logits():
     q, k = qk(5)
-    torch.testing.assert_close(mean_key(k), k.mean(dim=1))
+    torch.testing.assert_close(key_metric(k), k.sum(dim=1))
     got = mean_key_logits(k, 0.5)
     kd = k.double()
     query = kd.mean(dim=2)  # [B, H, d] mean over tokens

@@ -25,15 +25,19 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.site: str | None = None  # chosen by apply() among ``sites`` before describe() / attach()
 
     def modules_touched(self) -> list[nn.Module]:
         """Modules this adapter changes; used to refuse a second method on the same modules."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """Static facts a method validates its config against (layers, tokens, dims)."""
+        """Static facts a method validates its config against (layers, tokens, dims) at ``self.site``."""
         raise NotImplementedError
 
     def attach(self, method: Method) -> tuple[list[Undo], Any]:
-        """Install ``method``; return the undo actions (run in reverse order) and a run-state object for stats."""
+        """Install ``method`` at ``self.site``; return the undo actions (run in reverse order) and a run state.
+
+        The run state reports ``stats()`` and supports ``reset()``.
+        """
         raise NotImplementedError

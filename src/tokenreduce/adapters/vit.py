@@ -109,11 +109,11 @@ class VitTowerAdapter(Adapter):
     sites = frozenset({"vit"})
     tower: TowerSpec | None = None
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, depth: int | None = None) -> None:
         super().__init__(model)
         spec = self.tower or _spec_for(model)
         self.spec = spec
-        self.blocks: list[nn.Module] = list(model.get_submodule(spec.blocks))
+        self.blocks: list[nn.Module] = list(model.get_submodule(spec.blocks))[:depth]
         layout = spec.layout
         for i, block in enumerate(self.blocks):
             if type(block).__name__ != layout.block_class:
@@ -146,6 +146,7 @@ class VitTowerAdapter(Adapter):
         mlp_dim = next(m for m in first.get_submodule(self.spec.layout.mlp).modules() if isinstance(m, nn.Linear)).out_features
         return {
             "num_layers": len(self.blocks),
+            "default_layer": 0,
             "reducible_tokens": self.grid[0] * self.grid[1],
             "protected_tokens": self.protected,
             "has_cls": self.has_cls,
@@ -166,9 +167,10 @@ class VitTowerAdapter(Adapter):
 
     def attach(self, method: Any) -> tuple[list[Undo], TowerRun]:
         run = TowerRun(protected=self.protected, has_cls=self.has_cls, grid_for=self.grid_for, method=method)
-        return own_block_forwards([self._seam(block) for block in self.blocks], run), run
+        return own_block_forwards([self.seam(block) for block in self.blocks], run), run
 
-    def _seam(self, block: nn.Module) -> BlockSeam:
+    def seam(self, block: nn.Module) -> BlockSeam:
+        """How to run ``block`` in halves and read its attention's q and k."""
         layout = self.spec.layout
         norm1, attn, norm2, mlp = (block.get_submodule(n) for n in (layout.norm1, layout.attn, layout.norm2, layout.mlp))
         post_attn = _sequential([block.get_submodule(n) for n in layout.post_attn])

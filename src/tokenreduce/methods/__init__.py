@@ -4,5 +4,11 @@ from .tome import ToMeConfig
 from .evit import EViTConfig
 from .ficoco import FiCoCoVConfig
 from .baselines import PoolingConfig, RandomConfig, UniformConfig
+from .fastervlm import FasterVLMConfig
+from .visionzip import VisionZipConfig
+from .divprune import DivPruneConfig
 
-__all__ = ["EViTConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig", "UniformConfig"]
+__all__ = [
+    "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig",
+    "UniformConfig", "VisionZipConfig",
+]

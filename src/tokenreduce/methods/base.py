@@ -18,11 +18,17 @@ class Method:
     """
 
     sites: ClassVar[frozenset[str]] = frozenset()
+    site_order: ClassVar[tuple[str, ...]] = ()  # preference when a model offers several of ``sites``
     description: ClassVar[str] = ""
 
     def __init__(self, config: ReductionConfig, facts: dict[str, Any]) -> None:
         self.config = config
         self.facts = facts
+
+    @classmethod
+    def pick_site(cls, offered: frozenset[str]) -> str | None:
+        """The site this method uses on a model offering ``offered`` (None: no common site)."""
+        return next((site for site in cls.site_order or sorted(cls.sites) if site in offered), None)
 
     @property
     def num_layers(self) -> int:

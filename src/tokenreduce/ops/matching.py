@@ -95,3 +95,29 @@ def plan_fold(keep: torch.Tensor, n: int, targets: torch.Tensor, weights: torch.
     discard = complement(keep, n)
     dst = torch.gather(table, 1, targets.flatten(1)).view_as(targets)
     return TokenPlan(keep=keep, merge_src=discard, merge_dst=dst, merge_weight=weights)
+
+
+def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max-min diversity selection (arXiv 2503.02175, sec. 3, Alg. 1).
+
+    features: [B, N, C]. Distances are cosine distances. The first token is the one
+    farthest from its nearest neighbour; each next one maximises its minimum
+    distance to the tokens already chosen. Returns [B, k] ascending indices.
+    """
+    batch, n, _ = features.shape
+    unit = features.float() / features.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    distance = 1.0 - unit @ unit.transpose(-1, -2)  # [B, N, N]
+    nearest = distance + torch.eye(n, device=features.device) * torch.finfo(torch.float32).max
+    chosen = torch.empty(batch, k, dtype=torch.long, device=features.device)
+    if k == 0:
+        return chosen
+    chosen[:, 0] = nearest.min(dim=-1).values.argmax(dim=-1)
+    closest = torch.gather(distance, 1, chosen[:, :1, None].expand(-1, 1, n)).squeeze(1)  # [B, N]
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=features.device)
+    taken.scatter_(1, chosen[:, :1], True)
+    for step in range(1, k):
+        pick = closest.masked_fill(taken, -torch.inf).argmax(dim=-1)
+        chosen[:, step] = pick
+        taken.scatter_(1, pick[:, None], True)
+        closest = torch.minimum(closest, torch.gather(distance, 1, pick[:, None, None].expand(-1, 1, n)).squeeze(1))
+    return chosen.sort(dim=-1).values

@@ -40,6 +40,8 @@ class TokenPlan:
         new_tokens: E, empty slots appended after the kept tokens.
         new_positions: [B, E] long original-index labels of the appended slots
             (-1: no single location, e.g. EViT's fused token).
+        additive: fold without normalising, x_t <- x_t + sum_d a_dt x_d (VisionZip's
+            contextual tokens, arXiv 2412.04467 sec. 3.3: target plus its group mean).
     """
 
     keep: torch.Tensor
@@ -48,6 +50,7 @@ class TokenPlan:
     merge_weight: torch.Tensor | None = None
     new_tokens: int = 0
     new_positions: torch.Tensor | None = None
+    additive: bool = False
 
     @property
     def num_out(self) -> int:
@@ -74,9 +77,14 @@ def output_index(keep: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Select tokens: x [B, N, *rest], index [B, K] -> [B, K, *rest]."""
-    shaped = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return torch.gather(x, 1, shaped)
+    """Select tokens: x [B, N, *rest], index [B, K] -> [B, K, *rest].
+
+    ``index_select`` on the flattened (B*N) axis: several times faster on CPU than
+    ``torch.gather`` with an index expanded over the channels.
+    """
+    batch, n = x.shape[:2]
+    flat = (index + torch.arange(batch, device=index.device).unsqueeze(1) * n).flatten()
+    return x.reshape(batch * n, *x.shape[2:]).index_select(0, flat).view(*index.shape, *x.shape[2:])
 
 
 def apply_plan(plan: TokenPlan, x: torch.Tensor, sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,15 +104,19 @@ def apply_plan(plan: TokenPlan, x: torch.Tensor, sizes: torch.Tensor | None = No
         out_sizes = torch.cat([out_sizes, out_sizes.new_zeros(batch, plan.new_tokens)], dim=1)
     if plan.merge_src is None or plan.merge_src.shape[1] == 0:
         return out, out_sizes
-    weight = plan.merge_weight.float() * torch.gather(sizes, 1, plan.merge_src).float().unsqueeze(-1)  # [B, M, T]
+    src_sizes = torch.gather(sizes, 1, plan.merge_src).float().unsqueeze(-1)
+    weight = plan.merge_weight.float() * src_sizes  # [B, M, T]
     src = gather_tokens(x, plan.merge_src).float()  # [B, M, C]
     targets = plan.merge_dst.flatten(1)  # [B, M*T]
+    index = targets.unsqueeze(-1).expand(-1, -1, channels)
+    new_sizes = out_sizes.float().scatter_add(1, targets, weight.flatten(1))
+    if plan.additive:
+        contrib = (plan.merge_weight.float().unsqueeze(-1) * src.unsqueeze(2)).flatten(1, 2)
+        return out.float().scatter_add(1, index, contrib).to(x.dtype), new_sizes.to(sizes.dtype)
     contrib = (weight.unsqueeze(-1) * src.unsqueeze(2)).flatten(1, 2)  # [B, M*T, C]
     acc = out.float() * out_sizes.float().unsqueeze(-1)
-    acc = acc.scatter_add(1, targets.unsqueeze(-1).expand(-1, -1, channels), contrib)
-    new_sizes = out_sizes.float().scatter_add(1, targets, weight.flatten(1))
-    merged = acc / new_sizes.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    return merged.to(x.dtype), new_sizes.to(sizes.dtype)
+    acc.scatter_add_(1, index, contrib).div_(new_sizes.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
+    return acc.to(x.dtype), new_sizes.to(sizes.dtype)
 
 
 def size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

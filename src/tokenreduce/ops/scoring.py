@@ -28,6 +28,14 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return row_attention(q, k, scale, slice(0, 1), probs=True)[:, 0]
 
 
+def importance(q: torch.Tensor, k: torch.Tensor, scale: float, has_cls: bool) -> torch.Tensor:
+    """Token importance [B, N]: [CLS] attention (P1) where token 0 is a [CLS], else attention received (P4).
+
+    The [CLS]-free fallback follows VisionZip's port to SigLIP-style encoders (METHODS.md B1).
+    """
+    return cls_attention(q, k, scale) if has_cls else attention_received(q, k, scale)
+
+
 def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Probe P6: the full head-mean logit map [B, N, N]; only for ViT-sized N (a few hundred tokens)."""
     return row_attention(q, k, scale, slice(None), probs=False)
@@ -52,9 +60,13 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
     return total
 
 
-def mean_key(k: torch.Tensor) -> torch.Tensor:
-    """ToMe's similarity metric: keys averaged over heads, [B, N, d]."""
-    return k.mean(dim=1)
+def key_metric(k: torch.Tensor) -> torch.Tensor:
+    """ToMe's similarity metric, the keys averaged over heads, up to scale: [B, N, d].
+
+    Only cosine similarities of it are used, so the sum over heads serves and
+    saves the division of ``mean``.
+    """
+    return k.sum(dim=1)
 
 
 def l2_normalize(scores: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,18 @@ from ..base import VitMethod
 
 @dataclass(frozen=True, kw_only=True)
 class SingleLayerConfig(BudgetConfig):
-    """A budget (``keep`` or ``ratio``) applied once, at block ``layer``."""
+    """A budget (``keep`` or ``ratio``) applied once, at block ``layer``.
 
-    layer: int = 0
+    Default layer: block 0 of a ViT classifier (between its attention and MLP); the
+    feature layer's output in a VLM's vision tower (METHODS.md A4: H2).
+    """
+
+    layer: int | None = None
 
     def validate(self) -> None:
         super().validate()
         require_one(self, ("keep", "ratio"))
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise ConfigError(f"{type(self).__name__}: layer={self.layer!r} is invalid; a block index >= 0")
 
 
@@ -60,10 +64,17 @@ class PoolingConfig(SingleLayerConfig):
 class SingleLayer(VitMethod):
     """Shared schedule: everything removed at one layer, on the intact patch grid."""
 
+    sites = frozenset({"vit", "vit_output"})
+    site_order = ("vit_output", "vit")
+
+    @property
+    def layer(self) -> int:
+        return self.facts["default_layer"] if self.config.layer is None else self.config.layer
+
     def solve(self, reducible: int) -> list[int]:
         config: SingleLayerConfig = self.config
-        self.check_layers((config.layer,), "layer")
-        return self.at_layers([config.layer], [tokens_to_remove(reducible, config.keep, config.ratio, type(config).__name__)])
+        self.check_layers((self.layer,), "layer")
+        return self.at_layers([self.layer], [tokens_to_remove(reducible, config.keep, config.ratio, type(config).__name__)])
 
     @staticmethod
     def kept_patches(site: Site) -> int:
@@ -104,7 +115,7 @@ class Pooling(SingleLayer):
 
     def solve(self, reducible: int) -> list[int]:
         schedule = super().solve(reducible)
-        kept = reducible - schedule[self.config.layer]
+        kept = reducible - schedule[self.layer]
         if kept and reducible == self.facts["reducible_tokens"]:
             try:
                 factor_grid(kept, *self.facts["grid"])

@@ -20,7 +20,7 @@ from ...errors import ConfigError
 from ...merge_slot import Site
 from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan, complement
-from ...ops.scoring import attention_received, cls_attention
+from ...ops.scoring import importance
 from ...registry import register_method
 from ..base import VitMethod
 
@@ -84,10 +84,7 @@ class EViT(VitMethod):
     def plan(self, site: Site) -> TokenPlan:
         fuse = self.config.fuse
         n = site.x.shape[1]
-        if site.has_cls:
-            scores = cls_attention(site.q, site.k, site.scale)
-        else:
-            scores = attention_received(site.q, site.k, site.scale)
+        scores = importance(site.q, site.k, site.scale, site.has_cls)
         keep = keep_top(scores, n - site.protected - site.remove - int(fuse), site.protected)
         if not fuse:
             return TokenPlan(keep=keep)

@@ -17,7 +17,7 @@ from ...errors import ConfigError
 from ...merge_slot import Site
 from ...ops.matching import bipartite_soft_matching, max_bipartite_merges
 from ...ops.merge import TokenPlan
-from ...ops.scoring import mean_key
+from ...ops.scoring import key_metric
 from ...registry import register_method
 from ..base import VitMethod
 
@@ -78,4 +78,4 @@ class ToMe(VitMethod):
         return self.at_layers(layers, removals)
 
     def plan(self, site: Site) -> TokenPlan:
-        return bipartite_soft_matching(mean_key(site.k), site.remove, site.protected)
+        return bipartite_soft_matching(key_metric(site.k), site.remove, site.protected)

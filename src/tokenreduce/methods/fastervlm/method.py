@@ -1,0 +1,44 @@
+"""FasterVLM (arXiv 2412.01818 v1, sec. 3; METHODS.md B2).
+
+Keep the patches the vision encoder's [CLS] attends to most at the feature layer
+(softmax, mean over heads), in spatial order, and drop the rest before the
+projector. [CLS]-free towers score by attention received instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...budget import tokens_to_remove
+from ...config import BudgetConfig, require_one
+from ...merge_slot import Site
+from ...ops.matching import keep_top
+from ...ops.merge import TokenPlan
+from ...ops.scoring import importance
+from ...registry import register_method
+from ..base import VitMethod
+
+
+@dataclass(frozen=True, kw_only=True)
+class FasterVLMConfig(BudgetConfig):
+    """Keep ``keep`` visual tokens per image (or remove a ``ratio`` of them)."""
+
+    method = "fastervlm"
+
+    def validate(self) -> None:
+        super().validate()
+        require_one(self, ("keep", "ratio"))
+
+
+@register_method(FasterVLMConfig)
+class FasterVLM(VitMethod):
+    description = "FasterVLM: keep the top [CLS]-attention patches of the feature layer"
+    sites = frozenset({"vit_output"})
+
+    def solve(self, reducible: int) -> list[int]:
+        removed = tokens_to_remove(reducible, self.config.keep, self.config.ratio, "FasterVLMConfig")
+        return self.at_layers([self.facts["default_layer"]], [removed])
+
+    def plan(self, site: Site) -> TokenPlan:
+        scores = importance(site.q, site.k, site.scale, site.has_cls)
+        return TokenPlan(keep=keep_top(scores, site.x.shape[1] - site.protected - site.remove, site.protected))

@@ -1,0 +1,152 @@
+"""The contract of visual-token reduction on multimodal LLMs (LLaVA-1.5 fixtures with 144 image tokens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import vlm_fixtures as vf
+
+import tokenreduce as tr
+
+CASES = {
+    "tome": (tr.ToMeConfig(ratio=0.0), tr.ToMeConfig(keep=48), 48),
+    "evit": (tr.EViTConfig(ratio=0.0), tr.EViTConfig(keep=16), 16),
+    "ficoco_v": (tr.FiCoCoVConfig(ratio=0.0), tr.FiCoCoVConfig(keep=16), 16),
+    "random": (tr.RandomConfig(ratio=0.0), tr.RandomConfig(keep=16), 16),
+    "uniform": (tr.UniformConfig(ratio=0.0), tr.UniformConfig(keep=16), 16),
+    "pooling": (tr.PoolingConfig(ratio=0.0), tr.PoolingConfig(keep=16), 16),
+    "fastervlm": (tr.FasterVLMConfig(ratio=0.0), tr.FasterVLMConfig(keep=16), 16),
+    "visionzip": (tr.VisionZipConfig(ratio=0.0), tr.VisionZipConfig(keep=32), 32),
+    "divprune": (tr.DivPruneConfig(ratio=0.0), tr.DivPruneConfig(keep=16), 16),
+}
+FIXTURES = {"llava": lambda: vf.llava(), "llava_full_last": lambda: vf.llava(feature_layer=-1, strategy="full")}
+TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
+
+
+def test_every_registered_method_has_a_vlm_case():
+    covered = {zero.method for zero, _, _ in CASES.values()}
+    assert covered == set(tr.supported(vf.llava()))
+
+
+@pytest.fixture(scope="module", params=list(FIXTURES))
+def model(request):
+    return FIXTURES[request.param]()
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    return [vf.prompt(before, after, per_image=vf.placeholders(model)) for before, after in TEXTS]
+
+
+def run(model, prompts, pixels, side="left", **generate):
+    ids, mask = vf.batch(prompts, side)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+                                 suppress_tokens=[vf.IMAGE_TOKEN], **generate)
+    return logits, tokens[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    return run(model, prompts, vf.pixels(3))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_strength_is_bit_exact(model, prompts, reference, case):
+    with tr.apply(model, CASES[case][0]) as handle:
+        logits, tokens = run(model, prompts, vf.pixels(3))
+        stats = handle.stats()
+    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
+    assert stats["visual_tokens_out"] == [vf.placeholders(model)] * 3
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_active_keeps_budget_and_remove_restores(model, prompts, reference, case):
+    handle = tr.apply(model, CASES[case][1])
+    logits, tokens = run(model, prompts, vf.pixels(3))
+    stats = handle.stats()
+    handle.remove()
+    keep = CASES[case][2] + vf.placeholders(model) - vf.IMAGE_TOKENS  # [CLS] reaches the LLM with the "full" strategy
+    assert stats["visual_tokens_out"] == [keep] * 3
+    assert stats["sequence_out"] == [len(prompts[0]) - vf.placeholders(model) + keep] * 3
+    assert logits.shape[1] == len(prompts[0]) - vf.placeholders(model) + keep and torch.isfinite(logits).all()
+    assert model.config.vision_config._attn_implementation == "sdpa" and model.config.text_config._attn_implementation == "sdpa"
+    after = run(model, prompts, vf.pixels(3))
+    assert torch.equal(after[0], reference[0]) and torch.equal(after[1], reference[1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case):
+    pixels = vf.pixels(3)
+    keep = CASES[case][2] + vf.placeholders(model) - vf.IMAGE_TOKENS
+    with tr.apply(model, CASES[case][1]):
+        _, tokens = run(model, prompts, pixels)
+        with torch.no_grad():
+            features = torch.cat(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
+    short = [[t for i, t in enumerate(p) if t != vf.IMAGE_TOKEN or i - p.index(vf.IMAGE_TOKEN) < keep] for p in prompts]
+    ids, mask = vf.batch(short)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == vf.IMAGE_TOKEN] = features.to(embeds.dtype)
+        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                  suppress_tokens=[vf.IMAGE_TOKEN])
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_generate_equals_recomputation(model, prompts, case):
+    with tr.apply(model, CASES[case][1]):
+        _, cached = run(model, prompts, vf.pixels(3))
+        _, recomputed = run(model, prompts, vf.pixels(3), use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("case", ["fastervlm", "ficoco_v", "divprune", "visionzip"])
+def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
+    pixels = vf.pixels(3, seed=4)
+    with tr.apply(model, CASES[case][1]):
+        batch_logits, batch_tokens = run(model, prompts, pixels, side=side)
+        for i, prompt in enumerate(prompts):
+            logits, tokens = run(model, [prompt], pixels[i : i + 1])
+            if side == "left":  # generation with right padding is wrong for any decoder-only model
+                assert torch.equal(tokens[0], batch_tokens[i])
+            last = -1 if side == "left" else len(prompt) - vf.IMAGE_TOKENS + CASES[case][2] - 1
+            torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
+    ids, mask = vf.batch([[vf.BOS, 7, 8, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    with tr.apply(model, tr.FasterVLMConfig(keep=16)) as handle:
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask).logits
+        stats = handle.stats()
+    assert torch.equal(got, expected)
+    assert stats["images"] == 0 and "no image" in stats["note"]
+
+
+def test_mismatched_images_and_placeholders(model):
+    ids, mask = vf.batch([vf.prompt([7], [8], images=2, per_image=vf.placeholders(model))])
+    with tr.apply(model, tr.FasterVLMConfig(keep=16)):
+        with pytest.raises(ValueError, match=r"3 image\(s\) need 3 runs of 14[45] image placeholder tokens, got \[2(88|90)\]"):
+            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
+
+
+def test_keep_larger_than_image_tokens(model):
+    with pytest.raises(tr.ConfigError, match=r"keep=200 is larger than the 144 reducible tokens"):
+        tr.apply(model, tr.FasterVLMConfig(keep=200))
+    assert tr.remove(model) == 0
+
+
+def test_bf16(model, prompts):
+    model = model.to(torch.bfloat16)
+    try:
+        with tr.apply(model, tr.VisionZipConfig(keep=32)) as handle:
+            logits, tokens = run(model, prompts, vf.pixels(3).to(torch.bfloat16))
+            assert handle.stats()["visual_tokens_out"] == [32 + vf.placeholders(model) - vf.IMAGE_TOKENS] * 3
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    finally:
+        model.to(torch.float32)

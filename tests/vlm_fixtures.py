@@ -1,0 +1,48 @@
+"""Tiny multimodal LLMs of the real classes with >= 144 image tokens per image, built in-process."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN, PAD, BOS = 5, 0, 1
+IMAGE, PATCH = 48, 4
+IMAGE_TOKENS = (IMAGE // PATCH) ** 2  # 144
+
+
+def llava(feature_layer: int = -2, strategy: str = "default") -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, num_channels=3, projection_dim=32)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=feature_layer,
+                         vision_feature_select_strategy=strategy)
+    config._attn_implementation = "sdpa"
+    return LlavaForConditionalGeneration(copy.deepcopy(config)).eval()
+
+
+def placeholders(model: LlavaForConditionalGeneration) -> int:
+    """Image placeholders per image, as the processor expands them ([CLS] included with the "full" strategy)."""
+    return IMAGE_TOKENS + (model.config.vision_feature_select_strategy == "full")
+
+
+def prompt(text_before: list[int], text_after: list[int], images: int = 1, per_image: int = IMAGE_TOKENS) -> list[int]:
+    return [BOS, *text_before, *([IMAGE_TOKEN] * per_image * images), *text_after]
+
+
+def batch(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad prompts to one length: (input_ids, attention_mask)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        span = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, span], mask[i, span] = torch.tensor(p), 1
+    return ids, mask
+
+
+def pixels(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
