@@ -53,3 +53,21 @@ def test_bench_errors_are_one_clear_line(saved_vit, capsys):
     assert "unknown method 'fastest'; available methods: tome" in capsys.readouterr().err
     assert cli.main(["bench", str(saved_vit), "--method", "tome", "--keep", "500", "--samples", "4"]) == 2
     assert "keep=500 is larger than the 64 reducible tokens" in capsys.readouterr().err
+
+
+def test_viz_draws_every_supported_method(saved_vit, tmp_path, capsys):
+    out = tmp_path / "viz.png"
+    assert cli.main(["viz", str(saved_vit), "--method", "all", "--keep", "16", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_surviving_patches_match_the_budget():
+    import tokenreduce as tr
+
+    model = fx.build("hf_vit_cls")
+    with tr.apply(model, tr.UniformConfig(keep=16)) as handle:
+        fx.output(model, fx.images(2))
+        alive = handle.surviving_patches()
+    assert alive.shape == (2, 64) and alive.sum(dim=1).tolist() == [16, 16]
+    assert alive[0].view(8, 8)[::7, ::7].all()  # the corners of a regular sub-grid

@@ -12,6 +12,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import registry
@@ -57,6 +58,11 @@ class Handle:
             "active": self.active,
             **self._run.stats(),
         }
+
+    def surviving_patches(self) -> torch.Tensor | None:
+        """[B, P] bool over the original patch grid: which patches' tokens survived the last forward (None if unknown)."""
+        report = getattr(self._run, "surviving_patches", None)
+        return report() if report is not None else None
 
     def __enter__(self) -> Handle:
         return self

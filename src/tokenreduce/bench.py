@@ -27,13 +27,20 @@ from .measure import accuracy as label_accuracy
 
 @dataclass
 class Target:
-    """A model to benchmark with its evaluation inputs (labels where the task has them)."""
+    """A model to benchmark with its evaluation inputs (labels where the task has them).
+
+    ``logits(model, inputs)`` runs the task; ``encode_images(model, pixels)`` runs
+    only the vision path (what ``tokenreduce viz`` needs).
+    """
 
     name: str
     model: nn.Module
     inputs: torch.Tensor
     labels: torch.Tensor | None
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+    def encode_images(self, model: nn.Module, pixels: torch.Tensor) -> None:
+        self.logits(model, pixels)
 
 
 @dataclass

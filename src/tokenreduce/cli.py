@@ -43,11 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--plot", help="write a Pareto plot (PNG) of quality against GFLOPs")
     run.add_argument("--no-progress", action="store_true")
 
+    viz = commands.add_parser("viz", help="save an image with each method's discarded patches greyed out")
+    viz.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    viz.add_argument("--method", nargs="+", required=True, help="method name(s); 'all' for every method supported by the model")
+    viz_budget = viz.add_mutually_exclusive_group(required=True)
+    viz_budget.add_argument("--keep", type=int)
+    viz_budget.add_argument("--ratio", type=float)
+    viz.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    viz.add_argument("--sample", type=int, default=0, help="index of the evaluation input to draw (default: %(default)s)")
+    viz.add_argument("--out", default="viz.png")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "methods":
             print(methods_table(markdown=args.markdown))
             return 0
+        if args.command == "viz":
+            return _viz(args)
         return _bench(args)
     except (TokenReduceError, ValueError, OSError) as error:
         print(f"tokenreduce: error: {error}", file=sys.stderr)
@@ -106,6 +118,29 @@ def _bench(args: argparse.Namespace) -> int:
             json.dump(bench.rows_to_json(target, rows), f, indent=2)
     if args.plot:
         bench.plot_pareto(rows, args.plot, target.name)
+    return 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from . import api, viz
+
+    target = bench.load_target(args.model, samples=args.sample + 1)
+    methods = api.supported(target.model) if args.method == ["all"] else args.method
+    budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
+    pixels = target.inputs[args.sample : args.sample + 1]
+    image = viz.to_display(pixels[0])
+    panels = [("input", image)]
+    for name in methods:
+        config = registry.config_class(name)(**budget, **_parse_sets(args.set))
+        with torch.inference_mode(), api.apply(target.model, config) as handle:
+            target.encode_images(target.model, pixels)
+            alive = handle.surviving_patches()
+            grid = handle.method.facts["grid"]
+        if alive is None:
+            raise ValueError(f"{name} does not report which patches it kept")
+        panels.append((f"{name} ({int(alive[0].sum())} kept)", viz.grey_out(image, alive[0], grid)))
+    viz.save_panels(panels, args.out)
+    print(f"wrote {args.out}")
     return 0
 
 

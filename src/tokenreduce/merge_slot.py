@@ -111,6 +111,21 @@ class TowerRun:
         self.forwards = 0
         self.tokens_per_layer = []
 
+    def surviving_patches(self) -> torch.Tensor | None:
+        """[B, P] bool over the original patch grid (raster order): patches whose token survived the last forward.
+
+        A merged-away patch counts as discarded (its content lives on in its target).
+        """
+        if self.positions is None:
+            return None
+        batch = self.positions.shape[0]
+        patches = self.grid[0] * self.grid[1]
+        index = self.positions - self.protected
+        valid = index >= 0
+        alive = torch.zeros(batch, patches + 1, dtype=torch.bool, device=index.device)
+        alive.scatter_(1, torch.where(valid, index, patches), True)
+        return alive[:, :patches]
+
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """log(size) per key for proportional attention, computed once per reduction step."""
         return None if self.bias is None else self.bias.to(dtype)

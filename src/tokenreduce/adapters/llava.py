@@ -79,6 +79,9 @@ class VlmRun:
             stats["vision"] = self.vision.stats()
         return stats
 
+    def surviving_patches(self) -> torch.Tensor | None:
+        return None if self.vision is None else self.vision.surviving_patches()
+
     def reset(self) -> None:
         self.prefills = 0
         self.prefill = None
