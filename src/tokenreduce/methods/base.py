@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ..budget import tokens_to_remove
 from ..config import ReductionConfig
 from ..errors import ConfigError
 from ..merge_slot import Site
@@ -78,3 +79,26 @@ class VitMethod(Method):
         for layer, r in zip(layers, removals):
             schedule[layer] = r
         return schedule
+
+
+class SingleStep(VitMethod):
+    """A method that reduces once, to its budget, at one layer.
+
+    The layer is the config's ``layer`` where it has one, else the adapter's
+    default: block 0 of a ViT classifier, the feature layer (or the projector) of
+    a VLM. ``default_ratio`` applies when the config gives no budget.
+    """
+
+    default_ratio: ClassVar[float | None] = None
+
+    @property
+    def layer(self) -> int:
+        layer = getattr(self.config, "layer", None)
+        return self.facts["default_layer"] if layer is None else layer
+
+    def solve(self, reducible: int) -> list[int]:
+        config = self.config
+        no_budget = config.keep is None and config.ratio is None
+        ratio = self.default_ratio if no_budget else config.ratio
+        self.check_layers((self.layer,), "layer")
+        return self.at_layers([self.layer], [tokens_to_remove(reducible, config.keep, ratio, type(config).__name__)])

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ...budget import tokens_to_remove
 from ...config import BudgetConfig, require_one
 from ...errors import ConfigError
 from ...merge_slot import Site
@@ -19,7 +18,7 @@ from ...ops.grid import factor_grid, pooling_cells, stride_indices
 from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan
 from ...registry import register_method
-from ..base import VitMethod
+from ..base import SingleStep
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,20 +60,11 @@ class PoolingConfig(SingleLayerConfig):
     method = "pooling"
 
 
-class SingleLayer(VitMethod):
-    """Shared schedule: everything removed at one layer, on the intact patch grid."""
+class SingleLayer(SingleStep):
+    """Shared by the baselines: one reduction on the intact patch grid, in a ViT block or at a VLM's feature layer."""
 
     sites = frozenset({"vit", "vit_output"})
     site_order = ("vit_output", "vit")
-
-    @property
-    def layer(self) -> int:
-        return self.facts["default_layer"] if self.config.layer is None else self.config.layer
-
-    def solve(self, reducible: int) -> list[int]:
-        config: SingleLayerConfig = self.config
-        self.check_layers((self.layer,), "layer")
-        return self.at_layers([self.layer], [tokens_to_remove(reducible, config.keep, config.ratio, type(config).__name__)])
 
     @staticmethod
     def kept_patches(site: Site) -> int:

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...budget import tokens_to_remove
 from ...config import BudgetConfig
 from ...merge_slot import Site
 from ...ops.matching import max_min_diverse
 from ...ops.merge import TokenPlan
 from ...registry import register_method
-from ..base import VitMethod
+from ..base import SingleStep
 
 DEFAULT_SUBSET_RATIO = 0.098
 
@@ -29,14 +28,10 @@ class DivPruneConfig(BudgetConfig):
 
 
 @register_method(DivPruneConfig)
-class DivPrune(VitMethod):
+class DivPrune(SingleStep):
     description = "DivPrune: greedy max-min diverse subset of the projected visual tokens"
     sites = frozenset({"projector_output"})
-
-    def solve(self, reducible: int) -> list[int]:
-        config: DivPruneConfig = self.config
-        ratio = config.ratio if config.keep is not None or config.ratio is not None else 1.0 - DEFAULT_SUBSET_RATIO
-        return self.at_layers([self.facts["default_layer"]], [tokens_to_remove(reducible, config.keep, ratio, "DivPruneConfig")])
+    default_ratio = 1.0 - DEFAULT_SUBSET_RATIO
 
     def plan(self, site: Site) -> TokenPlan:
         p = site.protected

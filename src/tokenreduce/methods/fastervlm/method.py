@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...budget import tokens_to_remove
 from ...config import BudgetConfig, require_one
 from ...merge_slot import Site
 from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan
 from ...ops.scoring import importance
 from ...registry import register_method
-from ..base import VitMethod
+from ..base import SingleStep
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,13 +30,9 @@ class FasterVLMConfig(BudgetConfig):
 
 
 @register_method(FasterVLMConfig)
-class FasterVLM(VitMethod):
+class FasterVLM(SingleStep):
     description = "FasterVLM: keep the top [CLS]-attention patches of the feature layer"
     sites = frozenset({"vit_output"})
-
-    def solve(self, reducible: int) -> list[int]:
-        removed = tokens_to_remove(reducible, self.config.keep, self.config.ratio, "FasterVLMConfig")
-        return self.at_layers([self.facts["default_layer"]], [removed])
 
     def plan(self, site: Site) -> TokenPlan:
         scores = importance(site.q, site.k, site.scale, site.has_cls)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ...budget import tokens_to_remove
 from ...config import BudgetConfig, require_one
 from ...errors import ConfigError
 from ...merge_slot import Site
@@ -26,7 +25,7 @@ from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan, complement, gather_tokens
 from ...ops.scoring import importance, key_metric
 from ...registry import register_method
-from ..base import VitMethod
+from ..base import SingleStep
 
 CONTEXTUAL_SHARE = 10 / 64
 
@@ -48,13 +47,9 @@ class VisionZipConfig(BudgetConfig):
 
 
 @register_method(VisionZipConfig)
-class VisionZip(VitMethod):
+class VisionZip(SingleStep):
     description = "VisionZip: dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
     sites = frozenset({"vit_output"})
-
-    def solve(self, reducible: int) -> list[int]:
-        removed = tokens_to_remove(reducible, self.config.keep, self.config.ratio, "VisionZipConfig")
-        return self.at_layers([self.facts["default_layer"]], [removed])
 
     def split(self, kept: int) -> tuple[int, int]:
         """(dominant, contextual) counts for ``kept`` tokens."""
