@@ -10,6 +10,9 @@ from . import adapters as _adapters  # noqa: F401  (registers adapters)
 from .api import Handle, apply, list_methods, remove, supported
 from .config import config_from_dict
 from .errors import AlreadyAppliedError, ConfigError, TokenReduceError, UnsupportedModelError
+from .diffusion import (
+    DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig, ToCaConfig, ToMeDiTConfig,
+)
 from .methods import (
     DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig,
     VisionZipConfig,
@@ -19,6 +22,8 @@ from .registry import register_adapter, register_method
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeltaDiTConfig", "FirstBlockCacheConfig", "FORAConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig",
+    "ToMeDiTConfig",
     "AlreadyAppliedError", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "Handle",
     "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
