@@ -1,0 +1,69 @@
+"""The model zoo: small models trained here and shipped with the package.
+
+Token-reduction methods are judged on quality as well as speed, and that needs
+trained models that load offline and evaluate in seconds. Each zoo model is a
+stock Hugging Face class saved with `save_pretrained`, so it is loaded through
+the same `from_pretrained` path as a Hub checkpoint and methods patch the real
+transformers code, not a stand-in.
+
+Adding a model is one entry in `_REGISTRY`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, ViTForImageClassification
+
+from tokenreduce.zoo.digits import digits_split
+
+ZOO_DIR: Path = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What the zoo needs to know about one model: how to load it, what data it
+    is evaluated on, and which folder under ZOO_DIR holds its files."""
+
+    model_class: type[PreTrainedModel]
+    eval_data: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+    folder: str
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "digits-vit": _Entry(ViTForImageClassification, digits_split, "digits_vit"),
+}
+
+
+def names() -> list[str]:
+    """Names of the shipped models, in registry order."""
+    return list(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(names())}") from None
+
+
+def model_path(name: str) -> Path:
+    """Folder holding the model's config.json, model.safetensors and README.md (model card)."""
+    return ZOO_DIR / _entry(name).folder
+
+
+def load_model(name: str, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a zoo model with its class's `from_pretrained`, in eval mode.
+
+    Keyword arguments go to `from_pretrained` unchanged (for example
+    `attn_implementation` or `dtype`), exactly as they would for a Hub model.
+    """
+    model = _entry(name).model_class.from_pretrained(model_path(name), **from_pretrained_kwargs)
+    return model.eval()
+
+
+def load_eval_data(name: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(pixel_values float32 [N, C, H, W], labels int64 [N])` for a model's
+    "train" or "test" split, preprocessed exactly as in training."""
+    return _entry(name).eval_data(split)
