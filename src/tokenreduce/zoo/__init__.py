@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import importlib
+
 import torch
-from transformers import PreTrainedModel, ViTForImageClassification
+from torch import nn
 
 from tokenreduce.zoo.digits import digits_split
 
@@ -26,13 +28,24 @@ class _Entry:
     """What the zoo needs to know about one model: how to load it, what data it
     is evaluated on, and which folder under ZOO_DIR holds its files."""
 
-    model_class: type[PreTrainedModel]
+    model_class: str  # "library.ClassName", imported on first use so `import tokenreduce.zoo` stays light
     eval_data: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
     folder: str
 
+    def load_class(self) -> type[nn.Module]:
+        module, name = self.model_class.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+def _digits16(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from tokenreduce.zoo.dit_sampling import digits16
+
+    return digits16(split)
+
 
 _REGISTRY: dict[str, _Entry] = {
-    "digits-vit": _Entry(ViTForImageClassification, digits_split, "digits_vit"),
+    "digits-vit": _Entry("transformers.ViTForImageClassification", digits_split, "digits_vit"),
+    "digits-dit": _Entry("diffusers.DiTTransformer2DModel", _digits16, "digits_dit"),
 }
 
 
@@ -53,13 +66,13 @@ def model_path(name: str) -> Path:
     return ZOO_DIR / _entry(name).folder
 
 
-def load_model(name: str, **from_pretrained_kwargs) -> PreTrainedModel:
+def load_model(name: str, **from_pretrained_kwargs) -> nn.Module:
     """Load a zoo model with its class's `from_pretrained`, in eval mode.
 
     Keyword arguments go to `from_pretrained` unchanged (for example
     `attn_implementation` or `dtype`), exactly as they would for a Hub model.
     """
-    model = _entry(name).model_class.from_pretrained(model_path(name), **from_pretrained_kwargs)
+    model = _entry(name).load_class().from_pretrained(model_path(name), **from_pretrained_kwargs)
     return model.eval()
 
 

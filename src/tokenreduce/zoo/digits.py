@@ -38,12 +38,11 @@ SEED = 0
 Split = Literal["train", "test"]
 
 
-def digits_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `(images [N, 1, 32, 32] float32, labels [N] int64)` for a split.
+def raw_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8x8 digits of a split as `(pixels [N, 1, 8, 8] in [0, 1], labels [N] int64)`.
 
     The 80/20 split is stratified with a fixed seed so that the train and test
-    sets (1437 / 360 images) are the same on every machine and every run.
-    Images are scaled to [0, 1], upscaled, then normalised with MEAN/STD.
+    sets (1437 / 360 images) are the same on every machine, for every zoo model.
     """
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
@@ -52,9 +51,19 @@ def digits_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         digits.images, digits.target, test_size=TEST_SIZE, stratify=digits.target, random_state=SEED
     )
     images, labels = (x_train, y_train) if split == "train" else (x_test, y_test)
-    pixels = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(labels, dtype=torch.int64)
+
+
+def prepare(pixels: torch.Tensor) -> torch.Tensor:
+    """8x8 pixels in [0, 1] -> digits-vit input: upscaled to 32x32, normalised with MEAN/STD."""
     pixels = F.interpolate(pixels, size=IMAGE_SIZE, mode=UPSCALE_MODE, align_corners=False)
-    return (pixels - MEAN) / STD, torch.tensor(labels, dtype=torch.int64)
+    return (pixels - MEAN) / STD
+
+
+def digits_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(images [N, 1, 32, 32] float32, labels [N] int64)` for a split, prepared for digits-vit."""
+    pixels, labels = raw_split(split)
+    return prepare(pixels), labels
 
 
 def random_shift(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
