@@ -71,3 +71,15 @@ def test_surviving_patches_match_the_budget():
         alive = handle.surviving_patches()
     assert alive.shape == (2, 64) and alive.sum(dim=1).tolist() == [16, 16]
     assert alive[0].view(8, 8)[::7, ::7].all()  # the corners of a regular sub-grid
+
+
+def test_bench_on_the_zoo_vlm_reports_answer_accuracy_per_kind(tmp_path, capsys):
+    out = tmp_path / "vlm.json"
+    code = cli.main(["bench", "zoo:digits-vlm", "--method", "fastervlm", "--keep", "64", "--samples", "6", "--batch-size", "6",
+                     "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens_out"] for r in rows] == [256, 64]
+    assert set(rows[1]["accuracy_by_group"]) == {"position", "count", "compare"}
+    assert rows[1]["gflops"] < rows[0]["gflops"]
+    assert "compare %" in capsys.readouterr().out

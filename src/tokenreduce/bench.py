@@ -35,12 +35,44 @@ class Target:
 
     name: str
     model: nn.Module
-    inputs: torch.Tensor
+    inputs: Any  # a tensor of images, or anything with len(), slicing and split(n) (e.g. Prompts)
     labels: torch.Tensor | None
-    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    logits: Callable[[nn.Module, Any], torch.Tensor]
+    groups: list[str] | None = None  # per-sample group (question kind) for per-group accuracy
 
-    def encode_images(self, model: nn.Module, pixels: torch.Tensor) -> None:
-        self.logits(model, pixels)
+    def encode_images(self, model: nn.Module, inputs: Any) -> None:
+        """Run only what decides the kept patches (the whole model for a ViT)."""
+        if isinstance(inputs, Prompts):
+            model.model.get_image_features(pixel_values=inputs.batch()["pixel_values"])
+        else:
+            self.logits(model, inputs)
+
+
+@dataclass
+class Prompts:
+    """Question-answer prompts of a zoo VLM, batched on demand (left padding, generation prompts)."""
+
+    examples: list[Any]
+    tokenizer: Any
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: slice) -> Prompts:
+        return Prompts(self.examples[index], self.tokenizer)
+
+    def split(self, size: int) -> list[Prompts]:
+        return [self[i : i + size] for i in range(0, len(self), size)]
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        from .zoo.vlm_data import make_batch
+
+        return make_batch(self.tokenizer, self.examples, for_generation=True)
+
+
+def _answer_logits(model: nn.Module, prompts: Prompts) -> torch.Tensor:
+    """Next-token logits at the end of each prompt: the greedy answer is their argmax."""
+    return model(**prompts.batch()).logits[:, -1]
 
 
 @dataclass
@@ -60,6 +92,7 @@ class Row:
     accuracy: float | None
     agreement: float
     kl: float
+    accuracy_by_group: dict[str, float] | None = None
 
 
 def load_target(spec: str, *, samples: int = 256, pretrained: bool = False, dtype: torch.dtype = torch.float32) -> Target:
@@ -68,6 +101,8 @@ def load_target(spec: str, *, samples: int = 256, pretrained: bool = False, dtyp
         from . import zoo
 
         name = spec[4:]
+        if name == "digits-vlm":
+            return _vlm_target(spec, samples, dtype)
         model = zoo.load_model(name, dtype=dtype)
         inputs, labels = zoo.load_eval_data(name, "test")
         return Target(spec, model, inputs[:samples].to(dtype), labels[:samples], _hf_logits)
@@ -88,6 +123,17 @@ def load_target(spec: str, *, samples: int = 256, pretrained: bool = False, dtyp
     vision = getattr(config, "vision_config", config)
     size = (vision.num_channels, vision.image_size, vision.image_size)
     return Target(spec, model.eval(), _random_images(samples, size, dtype), None, _hf_logits)
+
+
+def _vlm_target(spec: str, samples: int, dtype: torch.dtype) -> Target:
+    from . import zoo
+    from .zoo.vlm_data import KINDS, eval_set
+
+    model = zoo.load_model("digits-vlm", dtype=dtype)
+    tokenizer = zoo.load_tokenizer("digits-vlm")
+    examples = eval_set(n_per_kind=max(1, samples // len(KINDS)))
+    answers = torch.tensor([tokenizer.convert_tokens_to_ids(ex.turns[0].answer) for ex in examples])
+    return Target(spec, model, Prompts(examples, tokenizer), answers, _answer_logits, [ex.turns[0].kind for ex in examples])
 
 
 def _random_images(count: int, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +183,7 @@ def _measure(target, models, handles, batch_size, warmup, repeats, progress) -> 
     flops, tokens = [], []
     for model, handle in zip(models, [None, *handles]):
         flops.append(count_flops(lambda m=model: target.logits(m, batch[:1])).total)
-        tokens.append((handle.stats()["tokens_in"], handle.stats()["tokens_out"]) if handle else None)
+        tokens.append(_token_counts(handle.stats()) if handle else None)
     timings = time_interleaved({str(i): (lambda m=m: target.logits(m, batch)) for i, m in enumerate(models)}, warmup, repeats)
     memory = [peak_memory(lambda m=m: target.logits(m, batch)).delta_bytes for m in models]
     base_tokens = tokens[1] if len(tokens) > 1 else None
@@ -154,8 +200,24 @@ def _measure(target, models, handles, batch_size, warmup, repeats, progress) -> 
             peak_mb=memory[i] / 2**20,
             accuracy=label_accuracy(logits[i], target.labels) if target.labels is not None else None,
             agreement=top1_agreement(logits[0], logits[i]), kl=kl_divergence(logits[0], logits[i]),
+            accuracy_by_group=_group_accuracy(logits[i], target) if target.groups else None,
         ))
     return rows
+
+
+def _token_counts(stats: dict[str, Any]) -> tuple[int, int]:
+    """(tokens in, tokens out) per image: ViT stats count the sequence, VLM stats the visual tokens."""
+    if "visual_tokens_in" in stats:
+        return stats["visual_tokens_in"], stats["visual_tokens_out"][0] if stats["visual_tokens_out"] else 0
+    return stats["tokens_in"], stats["tokens_out"]
+
+
+def _group_accuracy(logits: torch.Tensor, target: Target) -> dict[str, float]:
+    groups = {}
+    for group in dict.fromkeys(target.groups):
+        rows = torch.tensor([g == group for g in target.groups])
+        groups[group] = label_accuracy(logits[rows], target.labels[rows])
+    return groups
 
 
 def sweep_configs(methods: list[str], keeps: list[int], ratios: list[float], extra: dict[str, Any]) -> list[ReductionConfig]:
@@ -168,9 +230,11 @@ def rows_to_json(target: Target, rows: list[Row]) -> dict[str, Any]:
     return {"model": target.name, "samples": len(target.inputs), "rows": [asdict(r) for r in rows]}
 
 
-def format_table(rows: list[Row]) -> str:
-    """A fixed-width text table of the results."""
+def format_table(rows: list[Row], markdown: bool = False) -> str:
+    """The results as a fixed-width text table, or as Markdown."""
     head = ["method", "budget", "tokens", "GFLOPs", "ideal x", "measured x", "meas/ideal", "latency ms", "peak MB", "acc %", "agree %", "KL"]
+    groups = list(rows[0].accuracy_by_group or {})
+    head += [f"{g} %" for g in groups]
     lines = [head]
     for r in rows:
         budget = _budget_label(r.config)
@@ -178,8 +242,10 @@ def format_table(rows: list[Row]) -> str:
         lines.append([
             r.method, budget, f"{r.tokens_in}->{r.tokens_out}", f"{r.gflops:.4f}", f"{r.ideal_speedup:.2f}",
             f"{r.speedup:.2f}", f"{r.efficiency:.2f}", f"{r.latency_ms:.2f}", f"{r.peak_mb:.1f}", acc,
-            f"{100 * r.agreement:.1f}", f"{r.kl:.4f}",
+            f"{100 * r.agreement:.1f}", f"{r.kl:.4f}", *(f"{100 * r.accuracy_by_group[g]:.1f}" for g in groups),
         ])
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(line) + " |" for line in lines[1:]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines)
 

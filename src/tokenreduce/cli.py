@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--pretrained", action="store_true", help="timm models: load pretrained weights (needs them cached)")
     run.add_argument("--out", help="write the results as JSON")
     run.add_argument("--plot", help="write a Pareto plot (PNG) of quality against GFLOPs")
+    run.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     run.add_argument("--no-progress", action="store_true")
 
     viz = commands.add_parser("viz", help="save an image with each method's discarded patches greyed out")
@@ -112,7 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
     progress = _progress(len(configs) + 1, disable=args.no_progress)
     rows = bench.run(target, configs, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, progress=progress)
     print(f"{target.name}: {len(target.inputs)} samples, batch {args.batch_size}, {args.dtype}, latency = median of {args.repeats} interleaved runs")
-    print(bench.format_table(rows))
+    print(bench.format_table(rows, markdown=args.markdown))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(bench.rows_to_json(target, rows), f, indent=2)

@@ -43,9 +43,16 @@ def _digits16(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return digits16(split)
 
 
+def _grids(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from tokenreduce.zoo.vlm_data import EVAL_SEED, GridSampler
+
+    return GridSampler(split, EVAL_SEED).grids(300)
+
+
 _REGISTRY: dict[str, _Entry] = {
     "digits-vit": _Entry("transformers.ViTForImageClassification", digits_split, "digits_vit"),
     "digits-dit": _Entry("diffusers.DiTTransformer2DModel", _digits16, "digits_dit"),
+    "digits-vlm": _Entry("transformers.LlavaForConditionalGeneration", _grids, "digits_vlm"),
 }
 
 
@@ -80,3 +87,10 @@ def load_eval_data(name: str, split: str = "test") -> tuple[torch.Tensor, torch.
     """Return `(pixel_values float32 [N, C, H, W], labels int64 [N])` for a model's
     "train" or "test" split, preprocessed exactly as in training."""
     return _entry(name).eval_data(split)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer saved next to a zoo model (``PreTrainedTokenizerFast.from_pretrained``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(model_path(name))
