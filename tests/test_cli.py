@@ -83,3 +83,14 @@ def test_bench_on_the_zoo_vlm_reports_answer_accuracy_per_kind(tmp_path, capsys)
     assert set(rows[1]["accuracy_by_group"]) == {"position", "count", "compare"}
     assert rows[1]["gflops"] < rows[0]["gflops"]
     assert "compare %" in capsys.readouterr().out
+
+
+def test_sweep_skips_budgets_a_method_cannot_reach(saved_vit, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = cli.main(["bench", str(saved_vit), "--method", "tome", "random", "--keep", "2", "--samples", "4", "--batch-size", "4",
+                     "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == ["base", "random"]
+    assert "cannot remove 62 of 64 tokens over 4 layers" in data["skipped"][0]
+    assert "skipped: ToMeConfig" in capsys.readouterr().out

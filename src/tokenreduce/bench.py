@@ -21,6 +21,7 @@ from torch import nn
 
 from . import api, registry
 from .config import ReductionConfig
+from .errors import ConfigError
 from .measure import count_flops, kl_divergence, peak_memory, speedup, time_interleaved, top1_agreement
 from .measure import accuracy as label_accuracy
 
@@ -163,13 +164,26 @@ def run(
     warmup: int = 2,
     repeats: int = 5,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    skipped: list[str] | None = None,
 ) -> list[Row]:
-    """Benchmark the unreduced model and every config; returns the base row first."""
-    configs = list(configs)
-    copies = [shared_copy(target.model) for _ in configs]
-    handles = [api.apply(model, config) for model, config in zip(copies, configs)]
-    models = [target.model, *copies]
+    """Benchmark the unreduced model and every config; returns the base row first.
+
+    A config this model cannot satisfy (a budget out of reach for its depth, say)
+    is left out with its error message appended to ``skipped``, so one impossible
+    point does not stop a sweep; with ``skipped=None`` the error is raised.
+    """
+    models, handles = [target.model], []
     try:
+        for config in configs:
+            copy_ = shared_copy(target.model)
+            try:
+                handles.append(api.apply(copy_, config))
+            except ConfigError as error:
+                if skipped is None:
+                    raise
+                skipped.append(str(error))
+                continue
+            models.append(copy_)
         with torch.inference_mode():
             return _measure(target, models, handles, batch_size, warmup, repeats, progress)
     finally:
@@ -226,8 +240,8 @@ def sweep_configs(methods: list[str], keeps: list[int], ratios: list[float], ext
     return [registry.config_class(m)(**budget, **extra) for m in methods for budget in budgets or [{}]]
 
 
-def rows_to_json(target: Target, rows: list[Row]) -> dict[str, Any]:
-    return {"model": target.name, "samples": len(target.inputs), "rows": [asdict(r) for r in rows]}
+def rows_to_json(target: Target, rows: list[Row], skipped: list[str] | None = None) -> dict[str, Any]:
+    return {"model": target.name, "samples": len(target.inputs), "rows": [asdict(r) for r in rows], "skipped": skipped or []}
 
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:

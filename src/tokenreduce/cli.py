@@ -111,12 +111,16 @@ def _bench(args: argparse.Namespace) -> int:
     ratios = args.ratio or ([] if args.keep else SWEEP_RATIOS if args.sweep else [])
     configs = bench.sweep_configs(methods, args.keep, ratios, _parse_sets(args.set))
     progress = _progress(len(configs) + 1, disable=args.no_progress)
-    rows = bench.run(target, configs, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, progress=progress)
+    skipped: list[str] = []
+    rows = bench.run(target, configs, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, progress=progress,
+                     skipped=skipped if len(configs) > 1 else None)
     print(f"{target.name}: {len(target.inputs)} samples, batch {args.batch_size}, {args.dtype}, latency = median of {args.repeats} interleaved runs")
     print(bench.format_table(rows, markdown=args.markdown))
+    for reason in skipped:
+        print(f"skipped: {reason}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(bench.rows_to_json(target, rows), f, indent=2)
+            json.dump(bench.rows_to_json(target, rows, skipped), f, indent=2)
     if args.plot:
         bench.plot_pareto(rows, args.plot, target.name)
     return 0
