@@ -9,8 +9,6 @@ Quality is judged by digits-vit on the generated digits.
 
 import argparse
 import copy
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 
+from tokenreduce.zoo.shipping import save_shipped
 from tokenreduce.zoo.dit_sampling import NULL_CLASS, NUM_CLASSES, SAMPLE_SIZE, digits16, judge, make_scheduler, sample
 
 DEFAULT_OUT = Path(__file__).parent / "digits_dit"
@@ -92,21 +91,6 @@ def train(steps: int, batch_size: int = 64, lr: float = 5e-4, ema_decay: float =
     return ema
 
 
-def save(model: DiTTransformer2DModel, out: Path) -> None:
-    """Save config.json, the safetensors weights and scheduler_config.json into `out`.
-
-    `save_pretrained` runs in a scratch folder so that any extra file it may
-    write never reaches the shipped folder, and the model card already in
-    `out` is left untouched.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        for name in SHIPPED_FILES:
-            shutil.copyfile(Path(scratch) / name, out / name)
-    make_scheduler().save_pretrained(out)
-
-
 def generated_accuracy(model: DiTTransformer2DModel, guidance: float | None, per_class: int = 20, seed: int = 0) -> float:
     """Fraction of `per_class` DDIM-50 samples per digit that digits-vit judges as the asked class."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
@@ -127,7 +111,7 @@ def main() -> None:
     started = time.perf_counter()
     model = train(args.steps)
     minutes = (time.perf_counter() - started) / 60
-    save(model, args.out)
+    save_shipped(args.out, model, make_scheduler(), keep=(*SHIPPED_FILES, "scheduler_config.json"))
     print(f"trained {args.steps} steps in {minutes:.1f} min; saved to {args.out}", flush=True)
 
     for guidance in (2.0, None):

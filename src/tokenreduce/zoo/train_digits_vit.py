@@ -8,14 +8,13 @@ reduction is measured on the real Hugging Face code path, and it is saved with
 
 import argparse
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
+from tokenreduce.zoo.shipping import save_shipped
 from tokenreduce.zoo.digits import IMAGE_SIZE, digits_split, random_shift
 
 DEFAULT_OUT = Path(__file__).parent / "digits_vit"
@@ -130,20 +129,6 @@ def train(
     return model.eval()
 
 
-def save(model: ViTForImageClassification, out: Path) -> None:
-    """Save only config.json and model.safetensors into `out`.
-
-    `save_pretrained` runs in a scratch folder so that any extra file it may
-    write never reaches the shipped folder, and the model card already in
-    `out` is left untouched.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        for name in SHIPPED_FILES:
-            shutil.copyfile(Path(scratch) / name, out / name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
@@ -157,7 +142,7 @@ def main() -> None:
     cpu_minutes = (time.process_time() - cpu_started) / 60
     test_accuracy = accuracy(model, *digits_split("test"))
 
-    save(model, args.out)
+    save_shipped(args.out, model, keep=SHIPPED_FILES)
     print(f"trained {args.epochs} epochs in {minutes:.1f} min wall, {cpu_minutes:.1f} min CPU; saved to {args.out}")
     print(f"test accuracy: {test_accuracy:.4f}")
 

@@ -24,8 +24,6 @@ Trained end to end from scratch, this model only ever learns constant answers
 
 import argparse
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tokenreduce.zoo.shipping import save_shipped
 from tokenreduce.zoo.vlm_data import (
     GRID,
     GRID_IMAGE_SIZE,
@@ -249,21 +248,6 @@ def train_answers(
     model.eval()
 
 
-def save(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
-    """Save model (safetensors) and tokenizer into `out`, leaving its README.md (model card) alone.
-
-    Saving goes through a scratch folder so a model card already in `out`
-    is never overwritten, whatever files `save_pretrained` writes.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        tokenizer.save_pretrained(scratch)
-        for path in Path(scratch).iterdir():
-            if path.name != "README.md":
-                shutil.copyfile(path, out / path.name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -312,7 +296,7 @@ def main() -> None:
     print(f"trained in {(finished - started) / 60:.1f} min (stage 1 {(stage1 - started) / 60:.1f}, "
           f"stage 2 {(finished - stage1) / 60:.1f})", flush=True)
 
-    save(model, tokenizer, args.out)
+    save_shipped(args.out, model, tokenizer)
     reloaded = LlavaForConditionalGeneration.from_pretrained(args.out)
     reloaded_tokenizer = PreTrainedTokenizerFast.from_pretrained(args.out)
     accuracy = answer_accuracy(reloaded, reloaded_tokenizer, eval_set())
