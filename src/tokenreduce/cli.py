@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--plot", help="write a Pareto plot (PNG) of quality against GFLOPs")
     run.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--steps", type=int, default=50, help="zoo:digits-dit: DDIM sampling steps (default: %(default)s)")
+    run.add_argument("--guidance", type=float, default=2.0, help="zoo:digits-dit: classifier-free guidance scale (default: %(default)s)")
+    run.add_argument("--grid", help="zoo:digits-dit: write an image grid (PNG), one row of samples per method")
 
     viz = commands.add_parser("viz", help="save an image with each method's discarded patches greyed out")
     viz.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -99,6 +102,10 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "zoo:digits-dit":
+        from . import bench_dit
+
+        return bench_dit.run_cli(args, _parse_sets(args.set))
     dtype = getattr(torch, args.dtype)
     target = bench.load_target(args.model, samples=args.samples, pretrained=args.pretrained, dtype=dtype)
     from .api import supported
