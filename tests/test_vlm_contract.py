@@ -18,6 +18,7 @@ CASES = {
     "fastervlm": (tr.FasterVLMConfig(ratio=0.0), tr.FasterVLMConfig(keep=16), 16),
     "visionzip": (tr.VisionZipConfig(ratio=0.0), tr.VisionZipConfig(keep=32), 32),
     "divprune": (tr.DivPruneConfig(ratio=0.0), tr.DivPruneConfig(keep=16), 16),
+    "vispruner": (tr.VisPrunerConfig(ratio=0.0), tr.VisPrunerConfig(keep=16), 16),
 }
 FIXTURES = {"llava": lambda: vf.llava(), "llava_full_last": lambda: vf.llava(feature_layer=-1, strategy="full")}
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]

@@ -15,7 +15,7 @@ from .diffusion import (
 )
 from .methods import (
     DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig,
-    VisionZipConfig,
+    VisionZipConfig, VisPrunerConfig,
 )
 from .registry import register_adapter, register_method
 
@@ -25,6 +25,6 @@ __all__ = [
     "DeltaDiTConfig", "FirstBlockCacheConfig", "FORAConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig",
     "ToMeDiTConfig",
     "AlreadyAppliedError", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "Handle",
-    "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
+    "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
 ]

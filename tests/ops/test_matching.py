@@ -297,3 +297,37 @@ def test_matching_at_the_cap_leaves_protected_alone(n, protected):
     assert r == 0
     plan = bipartite_soft_matching(metric, r, protected)
     assert plan.keep.tolist() == [list(range(n))] * 2 and plan.merge_src.shape == (2, 0)
+
+
+def _naive_deduplicate(features, target, per_round):
+    """One sample, python lists: the VisPruner rounds written out plainly."""
+    left = list(range(features.shape[0]))
+    unit = features / features.norm(dim=-1, keepdim=True)
+    while len(left) > target:
+        a, b = left[0::2], left[1::2]
+        scores = [max(float(unit[i] @ unit[j]) for j in b) for i in a]
+        drop = min(per_round, len(left) - target, len(a))
+        worst = sorted(range(len(a)), key=lambda i: -scores[i])[:drop]
+        dropped = {a[i] for i in worst}
+        left = [t for t in left if t not in dropped]
+    return left
+
+
+@pytest.mark.parametrize("count, target, per_round", [(20, 5, 8), (17, 16, 8), (30, 2, 3), (9, 9, 8)])
+def test_deduplicate_matches_a_naive_loop(count, target, per_round):
+    from tokenreduce.ops.matching import deduplicate
+
+    features = torch.randn(3, count, 6, generator=torch.Generator().manual_seed(count))
+    got = deduplicate(features, target, per_round)
+    assert got.shape == (3, target)
+    for b in range(3):
+        assert got[b].tolist() == _naive_deduplicate(features[b], target, per_round)
+
+
+def test_deduplicate_removes_exact_duplicates_first():
+    from tokenreduce.ops.matching import deduplicate
+
+    e = torch.eye(4)
+    # A = positions 0, 2, 4 = e0, e1, e3; B = positions 1, 3, 5 = e0, e2, e3: A's e0 and e3 are duplicates.
+    features = torch.stack([e[0], e[0], e[1], e[2], e[3], e[3]]).unsqueeze(0)
+    assert deduplicate(features, 4, 8)[0].tolist() == [1, 2, 3, 5]

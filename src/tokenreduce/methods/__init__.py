@@ -7,8 +7,9 @@ from .baselines import PoolingConfig, RandomConfig, UniformConfig
 from .fastervlm import FasterVLMConfig
 from .visionzip import VisionZipConfig
 from .divprune import DivPruneConfig
+from .vispruner import VisPrunerConfig
 
 __all__ = [
     "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig",
-    "UniformConfig", "VisionZipConfig",
+    "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge import TokenPlan, complement, output_index
+from .merge import TokenPlan, complement, gather_tokens, output_index
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> TokenPlan:
@@ -121,3 +121,24 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
         taken.scatter_(1, pick[:, None], True)
         closest = torch.minimum(closest, torch.gather(distance, 1, pick[:, None, None].expand(-1, 1, n)).squeeze(1))
     return chosen.sort(dim=-1).values
+
+
+def deduplicate(features: torch.Tensor, target: int, per_round: int) -> torch.Tensor:
+    """VisPruner's diverse set (arXiv 2412.01818, sec. 3.3): iterative ToMe-style de-duplication.
+
+    features: [B, R, C]. Each round splits the remaining tokens alternately into A
+    and B, scores every A token by its highest cosine similarity to B and removes
+    up to ``per_round`` of the most duplicated A tokens, until ``target`` remain.
+    Returns [B, target] ascending indices into the R tokens.
+    """
+    batch, count = features.shape[:2]
+    unit = features.float() / features.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    left = torch.arange(count, device=features.device).expand(batch, count)
+    while left.shape[1] > target:
+        current = gather_tokens(unit, left)
+        a, b = current[:, 0::2], current[:, 1::2]
+        duplicated = (a @ b.transpose(-1, -2)).max(dim=-1).values  # [B, |A|]
+        drop = min(per_round, left.shape[1] - target, a.shape[1])
+        dropped = duplicated.topk(drop, dim=-1).indices * 2  # positions within ``left``
+        left = torch.gather(left, 1, complement(dropped, left.shape[1]))
+    return left
