@@ -94,3 +94,9 @@ def test_sweep_skips_budgets_a_method_cannot_reach(saved_vit, tmp_path, capsys):
     assert [r["method"] for r in data["rows"]] == ["base", "random"]
     assert "cannot remove 62 of 64 tokens over 4 layers" in data["skipped"][0]
     assert "skipped: ToMeConfig" in capsys.readouterr().out
+
+
+def test_viz_on_the_zoo_vlm_runs_only_the_vision_path(tmp_path, capsys):
+    out = tmp_path / "vlm.png"
+    assert cli.main(["viz", "zoo:digits-vlm", "--method", "fastervlm", "divprune", "--keep", "64", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000

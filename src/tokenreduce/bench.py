@@ -30,8 +30,8 @@ from .measure import accuracy as label_accuracy
 class Target:
     """A model to benchmark with its evaluation inputs (labels where the task has them).
 
-    ``logits(model, inputs)`` runs the task; ``encode_images(model, pixels)`` runs
-    only the vision path (what ``tokenreduce viz`` needs).
+    ``logits(model, inputs)`` runs the task; ``pixels(inputs)`` gives the images of
+    some inputs (what ``tokenreduce viz`` draws).
     """
 
     name: str
@@ -40,13 +40,7 @@ class Target:
     labels: torch.Tensor | None
     logits: Callable[[nn.Module, Any], torch.Tensor]
     groups: list[str] | None = None  # per-sample group (question kind) for per-group accuracy
-
-    def encode_images(self, model: nn.Module, inputs: Any) -> None:
-        """Run only what decides the kept patches (the whole model for a ViT)."""
-        if isinstance(inputs, Prompts):
-            model.model.get_image_features(pixel_values=inputs.batch()["pixel_values"])
-        else:
-            self.logits(model, inputs)
+    pixels: Callable[[Any], torch.Tensor] = lambda inputs: inputs
 
 
 @dataclass
@@ -134,7 +128,8 @@ def _vlm_target(spec: str, samples: int, dtype: torch.dtype) -> Target:
     tokenizer = zoo.load_tokenizer("digits-vlm")
     examples = eval_set(n_per_kind=max(1, samples // len(KINDS)))
     answers = torch.tensor([tokenizer.convert_tokens_to_ids(ex.turns[0].answer) for ex in examples])
-    return Target(spec, model, Prompts(examples, tokenizer), answers, _answer_logits, [ex.turns[0].kind for ex in examples])
+    kinds = [ex.turns[0].kind for ex in examples]
+    return Target(spec, model, Prompts(examples, tokenizer), answers, _answer_logits, kinds, lambda p: p.batch()["pixel_values"])
 
 
 def _random_images(count: int, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

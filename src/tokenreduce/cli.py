@@ -139,13 +139,15 @@ def _viz(args: argparse.Namespace) -> int:
     target = bench.load_target(args.model, samples=args.sample + 1)
     methods = api.supported(target.model) if args.method == ["all"] else args.method
     budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
-    pixels = target.inputs[args.sample : args.sample + 1]
+    inputs = target.inputs[args.sample : args.sample + 1]
+    pixels = target.pixels(inputs)
     image = viz.to_display(pixels[0])
     panels = [("input", image)]
     for name in methods:
         config = registry.config_class(name)(**budget, **_parse_sets(args.set))
         with torch.inference_mode(), api.apply(target.model, config) as handle:
-            target.encode_images(target.model, pixels)
+            encode = getattr(handle.adapter, "encode_images", None)
+            encode(pixels) if encode is not None else target.logits(target.model, inputs)
             alive = handle.surviving_patches()
             grid = handle.method.facts["grid"]
         if alive is None:

@@ -229,6 +229,10 @@ class LlavaAdapter(Adapter):
     def modules_touched(self) -> list[nn.Module]:
         return [self.inner, self.inner.multi_modal_projector, *self.tower.blocks]
 
+    def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Only the vision path (tower, selection, projector): the visual tokens the LLM would receive."""
+        return list(self.inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
+
     def describe(self) -> dict[str, Any]:
         facts = dict(self.tower.describe(), default_layer=self.feature_block)
         if self.site == "projector_output":
