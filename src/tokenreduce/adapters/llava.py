@@ -90,7 +90,7 @@ class VlmRun:
             self.vision.reset()
 
 
-Placeholders = int | Callable[[dict[str, Any], int], list[int]]
+Placeholders = int | Callable[[dict[str, Any], list[torch.Tensor]], list[int]]
 
 
 class PlaceholderShrinker:
@@ -98,8 +98,8 @@ class PlaceholderShrinker:
 
     ``placeholders`` is the number of placeholders the processor expands each
     ``<image>`` into: one int (LLaVA-1.5), or a function of the forward's keyword
-    arguments and the image count giving one count per image (LLaVA-NeXT's AnyRes
-    counts depend on each image's size).
+    arguments and the (reduced) features of each image giving one count per image
+    (LLaVA-NeXT's AnyRes counts depend on each image's size).
     """
 
     def __init__(self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: Placeholders, run: VlmRun) -> None:
@@ -125,7 +125,7 @@ class PlaceholderShrinker:
             )
             kwargs["pixel_values"], kwargs["mm_encoder_outputs"] = None, encoded
         if encoded.get("image") is not None:
-            self._shorten_prefill(kwargs, [f.shape[0] for f in encoded["image"].pooler_output])
+            self._shorten_prefill(kwargs, list(encoded["image"].pooler_output))
         elif self._continues_prefill(kwargs):
             self._follow_decode(kwargs)
         elif kwargs.get("input_ids") is not None and _is_new_prompt(kwargs):
@@ -133,7 +133,7 @@ class PlaceholderShrinker:
             self.run.images, self.run.prefill = 0, None
         return self.original(**kwargs)
 
-    def _shorten_prefill(self, kwargs: dict[str, Any], kept: list[int]) -> None:
+    def _shorten_prefill(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         ids = kwargs.get("input_ids")
         if ids is None:
             raise ValueError("tokenreduce: pass input_ids (not only inputs_embeds) so the image placeholders can be found")
@@ -141,9 +141,9 @@ class PlaceholderShrinker:
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("tokenreduce: an image in a prompt that continues an existing KV cache is not supported")
         is_image = ids == self.image_token_id
-        images = len(kept)
+        kept, images = [f.shape[0] for f in features], len(features)
         fixed = isinstance(self.placeholders, int)
-        expected = [self.placeholders] * images if fixed else self.placeholders(kwargs, images)
+        expected = [self.placeholders] * images if fixed else self.placeholders(kwargs, features)
         runs = _runs_per_sample(is_image.sum(dim=1).tolist(), expected)
         if runs is None:
             wanted = expected[0] if fixed else expected

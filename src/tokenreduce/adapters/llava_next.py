@@ -26,13 +26,16 @@ e.g. VisionZip's contextual tokens) follow the canvas. With nothing removed this
 exactly the stock packing (a contract test).
 
 Placeholder counts differ per image: :meth:`LlavaNextAdapter.layout` derives each
-image's stock count from ``image_sizes`` with the model's own
-``get_anyres_image_grid_shape`` / ``unpad_image``, and :class:`PlaceholderShrinker`
-drops each image's surplus placeholders.
+image's stock count from its size with the model's own ``get_anyres_image_grid_shape``
+/ ``unpad_image``. The packer records that count against the packed tensor it
+returns (``generate()`` encodes images before the prefill and does not pass
+``image_sizes`` on), and :class:`PlaceholderShrinker` looks it up to drop each
+image's surplus placeholders.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +124,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self.pinpoints = config.image_grid_pinpoints
         self.view_size = config.vision_config.image_size
         self.score_tower = VitTowerAdapter(self.inner.vision_tower)  # every block: the last one scores at ``anyres``
+        self._stock_tokens: dict[int, tuple[weakref.ref, int]] = {}  # id(packed image) -> (weak ref, stock count)
 
     def modules_touched(self) -> list[nn.Module]:
         return [*super().modules_touched(), self.score_tower.blocks[-1]]
@@ -138,17 +142,24 @@ class LlavaNextAdapter(LlavaAdapter):
         ids = (ids + torch.arange(patches).view(1, 1, rows, cols)).permute(0, 2, 1, 3).reshape(1, crop_rows * rows, crop_cols * cols)
         return AnyresLayout(views, patches, (crop_rows, crop_cols), self._unpad(ids, image_size)[0])
 
-    def views_per_image(self, image_sizes: Any) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    def _record(self, image: torch.Tensor, tokens: int) -> None:
+        self._stock_tokens = {key: entry for key, entry in self._stock_tokens.items() if entry[0]() is not None}
+        self._stock_tokens[id(image)] = (weakref.ref(image), tokens)
 
-        return [image_size_to_num_patches(size, self.pinpoints, self.view_size) for size in image_sizes]
+    def stock_tokens(self, image: torch.Tensor) -> int | None:
+        """The stock packed length of an image this adapter packed (None if it did not pack this tensor)."""
+        ref, tokens = self._stock_tokens.get(id(image), (None, 0))
+        return tokens if ref is not None and ref() is image else None
 
     def placeholders(self) -> Placeholders:
-        def per_image(kwargs: dict[str, Any], images: int) -> list[int]:
-            sizes = kwargs.get("image_sizes")
-            if sizes is None or len(sizes) != images:
-                raise ValueError(f"tokenreduce: LLaVA-NeXT needs image_sizes with one (height, width) per image ({images}), got {sizes!r}")
-            return [self.layout(size, views).tokens for size, views in zip(sizes, self.views_per_image(sizes))]
+        def per_image(_kwargs: dict[str, Any], features: list[torch.Tensor]) -> list[int]:
+            counts = [self.stock_tokens(f) for f in features]
+            if None in counts:
+                raise ValueError(
+                    "tokenreduce: LLaVA-NeXT image features must come from this model's get_image_features while the "
+                    "method is attached (pass pixel_values and image_sizes, not features encoded before apply())"
+                )
+            return counts
 
         return per_image
 
@@ -182,6 +193,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 layout = self.layout(size, features.shape[0])
                 base, crop_tokens, crop_ids = select(features, start, layout)
                 packed.append(pack_views(base, crop_tokens, crop_ids, layout, image_newline, every_row))
+                self._record(packed[-1], layout.tokens)
                 start += features.shape[0]
             return packed, torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
 

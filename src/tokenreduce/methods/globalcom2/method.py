@@ -62,12 +62,12 @@ class GlobalCom2Config(BudgetConfig):
     score_space: str = "logits"
 
     def validate(self) -> None:
-        super().validate()
-        if self.keep is not None or self.ratio is None:
+        if self.keep is not None or self.ratio is None:  # before the base check, which would blame the default ratio
             raise ConfigError(
                 f"GlobalCom2Config: keep={self.keep!r}, ratio={self.ratio!r}; GlobalCom2 keeps a fraction of every image "
                 "(token counts vary with image size): give ratio in [0, 1), the fraction removed, and no keep"
             )
+        super().validate()
         check_range(self, "tau", 0.0, math.inf, low_open=True)
         check_range(self, "alpha", 0.0, 1.0)
         check_choice(self, "score", ("cls", "neg_cos_to_mean"))
