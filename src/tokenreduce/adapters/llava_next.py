@@ -223,6 +223,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 crop_grid=layout.crop_grid, canvas=layout.canvas.to(features.device),
             )
             keep = method.plan_views(site)
+            if capture.k is not None and views.stop == capture.k.shape[0]:  # last image of the tower batch
+                capture.clear()
             crops = [features[c][keep[c]] for c in range(1, features.shape[0])]
             ids = [keep[c] + (c - 1) * layout.patches for c in range(1, features.shape[0])]
             empty = features.new_zeros(0, features.shape[-1])

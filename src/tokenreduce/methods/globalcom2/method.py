@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ class GlobalCom2(Method):
     description = "GlobalCom2: thumbnail [CLS] attention sets per-crop budgets and guides top-k inside AnyRes crops"
     sites = frozenset({"anyres"})
 
-    def __init__(self, config: GlobalCom2Config, facts: dict) -> None:
+    def __init__(self, config: GlobalCom2Config, facts: dict[str, Any]) -> None:
         super().__init__(config, facts)
         if config.score == "cls" and not facts["has_cls"]:
             raise ConfigError("GlobalCom2Config: score='cls' needs a vision tower with a [CLS] token; use score='neg_cos_to_mean'")
@@ -128,7 +129,9 @@ class GlobalCom2(Method):
         logits = row_attention(site.q, site.k, site.scale, slice(0, 1), probs=self.config.score_space == "probs")
         return logits[:, 0, 1:]
 
-    def budget(self, tokens: int, ratio: float) -> int:
+    @staticmethod
+    def budget(tokens: int, ratio: float) -> int:
+        """floor(tokens * ratio): the paper's k_0 = floor(P R) and k_c = floor(N_c r_c)."""
         return min(tokens, math.floor(tokens * ratio + FLOOR_SLACK))
 
     def plan_views(self, site: ViewsSite) -> list[torch.Tensor]:
