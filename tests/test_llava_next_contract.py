@@ -236,12 +236,9 @@ def views_site(scores, canvas, crop_grid, grid=(12, 12)):
 
 
 def test_globalcom2_budgets_and_guidance_on_a_known_canvas(model):
-    adapter = tr.apply(model, tr.GlobalCom2Config(ratio=0.75))
-    try:
-        layout = adapter.adapter.layout(torch.tensor(nf.SIZES["wide3"]), 4)  # 1 x 3 crops, padded rows removed
-        method = adapter.method
-    finally:
-        adapter.remove()
+    with tr.apply(model, tr.GlobalCom2Config(ratio=0.75)) as handle:
+        layout = handle.adapter.layout(torch.tensor(nf.SIZES["wide3"]), 4)  # 1 x 3 crops, padded rows removed
+        method = handle.method
     scores = torch.randn(4, P, generator=torch.Generator().manual_seed(0))
     scores[1:] = 0.0  # crops' own scores are flat: the thumbnail's upsampled scores decide inside crops
     kept = method.plan_views(views_site(scores, layout.canvas, layout.crop_grid))
