@@ -69,6 +69,25 @@ class Site:
     remove: int  # net tokens this step must remove
 
 
+@dataclass(frozen=True)
+class ViewsSite:
+    """One multi-view image (AnyRes: a thumbnail and a grid of crops) at the point its views are packed for the LLM.
+
+    A method returns the kept patch indices of every view. Views share one patch
+    grid; the crops tile a canvas of ``crop_grid`` views, of which only
+    ``canvas`` survives unpadding.
+    """
+
+    features: torch.Tensor  # [V, P, C] patch features of every view (view 0 = thumbnail, then crops row-major)
+    q: torch.Tensor | None  # [V, H, N, d] score layer queries, N = protected + P; None if the model has no probe
+    k: torch.Tensor | None
+    scale: float
+    has_cls: bool
+    grid: tuple[int, int]  # patch grid of one view (rows, cols)
+    crop_grid: tuple[int, int]  # crops (rows, cols); (0, 0) for a single view
+    canvas: torch.Tensor  # [Hv, Wv] long: crop * P + patch of each canvas token left after unpadding (empty: single view)
+
+
 @dataclass
 class TowerRun:
     """Per-forward token bookkeeping plus what stats() reports about the last forward."""
@@ -201,16 +220,16 @@ def reduce_module_output(module: nn.Module, layer: int, capture: QKCapture, scal
     return module.register_forward_hook(hook, prepend=True).remove
 
 
-def replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
-    """Shadow ``module.forward`` with an instance attribute; the returned action restores the original exactly."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = forward
+def replace_forward(module: nn.Module, forward: Callable[..., Any], name: str = "forward") -> Callable[[], None]:
+    """Shadow the method ``name`` of ``module`` with an instance attribute; the returned action restores the original exactly."""
+    had_own = name in module.__dict__
+    previous = module.__dict__.get(name)
+    setattr(module, name, forward)
 
     def restore() -> None:
         if had_own:
-            module.forward = previous
+            setattr(module, name, previous)
         else:
-            del module.forward
+            delattr(module, name)
 
     return restore

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ class VlmRun:
     vision: TowerRun | None
     images: int = 0
     tokens_per_image: list[int] = field(default_factory=list)
-    placeholders_per_image: int = 0
+    placeholders_per_image: int | list[int] = 0
     sequence_in: int = 0
     sequence_out: list[int] = field(default_factory=list)
     prefills: int = 0
@@ -89,12 +90,21 @@ class VlmRun:
             self.vision.reset()
 
 
-class PlaceholderShrinker:
-    """The ``LlavaModel.forward`` wrapper that keeps placeholders, masks and positions consistent."""
+Placeholders = int | Callable[[dict[str, Any], list[torch.Tensor]], list[int]]
 
-    def __init__(self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: int, run: VlmRun) -> None:
+
+class PlaceholderShrinker:
+    """The ``LlavaModel.forward`` wrapper that keeps placeholders, masks and positions consistent.
+
+    ``placeholders`` is the number of placeholders the processor expands each
+    ``<image>`` into: one int (LLaVA-1.5), or a function of the forward's keyword
+    arguments and the (reduced) features of each image giving one count per image
+    (LLaVA-NeXT's AnyRes counts depend on each image's size).
+    """
+
+    def __init__(self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: Placeholders, run: VlmRun) -> None:
         self.inner = inner
-        self.placeholders = placeholders  # per image, as the processor expands <image>
+        self.placeholders = placeholders
         self.original = inner.forward
         self.signature = inspect.signature(self.original)
         self.image_token_id = image_token_id
@@ -115,7 +125,7 @@ class PlaceholderShrinker:
             )
             kwargs["pixel_values"], kwargs["mm_encoder_outputs"] = None, encoded
         if encoded.get("image") is not None:
-            self._shorten_prefill(kwargs, [f.shape[0] for f in encoded["image"].pooler_output])
+            self._shorten_prefill(kwargs, list(encoded["image"].pooler_output))
         elif self._continues_prefill(kwargs):
             self._follow_decode(kwargs)
         elif kwargs.get("input_ids") is not None and _is_new_prompt(kwargs):
@@ -123,7 +133,7 @@ class PlaceholderShrinker:
             self.run.images, self.run.prefill = 0, None
         return self.original(**kwargs)
 
-    def _shorten_prefill(self, kwargs: dict[str, Any], kept: list[int]) -> None:
+    def _shorten_prefill(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         ids = kwargs.get("input_ids")
         if ids is None:
             raise ValueError("tokenreduce: pass input_ids (not only inputs_embeds) so the image placeholders can be found")
@@ -131,26 +141,30 @@ class PlaceholderShrinker:
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("tokenreduce: an image in a prompt that continues an existing KV cache is not supported")
         is_image = ids == self.image_token_id
-        per_sample = is_image.sum(dim=1)
-        placeholders, images = self.placeholders, len(kept)
-        if int(per_sample.sum()) != images * placeholders or any(int(n) % placeholders for n in per_sample):
+        kept, images = [f.shape[0] for f in features], len(features)
+        fixed = isinstance(self.placeholders, int)
+        expected = [self.placeholders] * images if fixed else self.placeholders(kwargs, features)
+        runs = _runs_per_sample(is_image.sum(dim=1).tolist(), expected)
+        if runs is None:
+            wanted = expected[0] if fixed else expected
             raise ValueError(
-                f"tokenreduce: {images} image(s) need {images} runs of {placeholders} image placeholder tokens, "
-                f"got {per_sample.tolist()} placeholders per sample"
+                f"tokenreduce: {images} image(s) need {images} runs of {wanted} image placeholder tokens, "
+                f"got {is_image.sum(dim=1).tolist()} placeholders per sample"
             )
         run = self.run
         run.prefills += 1
-        run.images, run.tokens_per_image, run.placeholders_per_image = images, kept, placeholders
+        run.images, run.tokens_per_image = images, kept
+        run.placeholders_per_image = expected[0] if fixed else expected
         run.sequence_in = ids.shape[1]
-        if all(k == placeholders for k in kept):
+        if kept == expected:
             run.sequence_out, run.prefill = [ids.shape[1]] * ids.shape[0], None
             return
-        if any(k > placeholders for k in kept):
-            raise ValueError(f"tokenreduce: an image produced {max(kept)} features for {placeholders} placeholders")
+        if any(k > n for k, n in zip(kept, expected)):
+            raise ValueError(f"tokenreduce: an image produced more features than placeholders ({kept} for {expected})")
         keep = ~is_image
         image_index = 0
-        for b in range(ids.shape[0]):
-            slots = is_image[b].nonzero()[:, 0].view(-1, placeholders)
+        for b, counts in enumerate(runs):
+            slots = is_image[b].nonzero()[:, 0].split(counts)
             for run_slots in slots:
                 keep[b, run_slots[: kept[image_index]]] = True
                 image_index += 1
@@ -199,6 +213,21 @@ class PlaceholderShrinker:
             kwargs["position_ids"] = kwargs["position_ids"] - prefill.shift.unsqueeze(1)
 
 
+def _runs_per_sample(per_sample: list[int], expected: list[int]) -> list[list[int]] | None:
+    """Split the images (in order) over the samples by placeholder counts; None if they do not add up."""
+    runs, image = [], 0
+    for count in per_sample:
+        counts = []
+        while count > 0 and image < len(expected) and expected[image] <= count:
+            counts.append(expected[image])
+            count -= expected[image]
+            image += 1
+        if count:
+            return None
+        runs.append(counts)
+    return runs if image == len(expected) else None
+
+
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
     cache = kwargs.get("past_key_values")
     return cache is None or cache.get_seq_length() == 0
@@ -240,6 +269,18 @@ class LlavaAdapter(Adapter):
         return facts
 
     def attach(self, method: Any) -> tuple[list[Undo], VlmRun]:
+        undo, vision = self.attach_vision(method)
+        run = VlmRun(vision=vision)
+        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, self.placeholders(), run)
+        undo.append(replace_forward(self.inner, shrinker))
+        return undo, run
+
+    def placeholders(self) -> Placeholders:
+        """Placeholders per image: the feature grid, plus [CLS] with the "full" strategy."""
+        return self.tower.grid[0] * self.tower.grid[1] + (0 if self.drop_cls else self.tower.protected)
+
+    def attach_vision(self, method: Any) -> tuple[list[Undo], TowerRun]:
+        """Install ``method`` at the vision-side site (``vit``, ``vit_output`` or ``projector_output``)."""
         tower = self.tower
         undo: list[Undo] = []
         if self.site == "vit":
@@ -254,8 +295,4 @@ class LlavaAdapter(Adapter):
             protected = 0 if self.drop_cls else tower.protected
             vision = TowerRun(protected=protected, has_cls=False, grid_for=tower.grid_for, method=method)
             undo = [reduce_module_output(self.inner.multi_modal_projector, 0, QKCapture(), 0.0, vision)]
-        run = VlmRun(vision=vision)
-        placeholders = tower.grid[0] * tower.grid[1] + (0 if self.drop_cls else tower.protected)
-        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, placeholders, run)
-        undo.append(replace_forward(self.inner, shrinker))
-        return undo, run
+        return undo, vision

@@ -8,8 +8,9 @@ from .fastervlm import FasterVLMConfig
 from .visionzip import VisionZipConfig
 from .divprune import DivPruneConfig
 from .vispruner import VisPrunerConfig
+from .globalcom2 import GlobalCom2Config
 
 __all__ = [
-    "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig",
+    "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "ToMeConfig",
     "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
 ]
