@@ -8,8 +8,10 @@ from .fastervlm import FasterVLMConfig
 from .visionzip import VisionZipConfig
 from .divprune import DivPruneConfig
 from .vispruner import VisPrunerConfig
+from .prumerge import PruMergeConfig, PruMergePlusConfig
+from .cdpruner import CDPrunerConfig
 
 __all__ = [
-    "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig",
-    "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
+    "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",
+    "ToMeConfig", "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
 ]
