@@ -19,7 +19,7 @@ import tokenreduce as tr
 from tokenreduce.merge_slot import ViewsSite
 from tokenreduce.methods.globalcom2.method import GlobalCom2, block_sums, crop_retention
 
-CASES = {**VLM_CASES, "globalcom2": (tr.GlobalCom2Config(ratio=0.0), tr.GlobalCom2Config(), None)}
+CASES = {**{k: v for k, v in VLM_CASES.items() if k != "cdpruner"}, "globalcom2": (tr.GlobalCom2Config(ratio=0.0), tr.GlobalCom2Config(), None)}
 PRUNING = ["fastervlm", "random", "uniform", "divprune", "vispruner"]  # kept tokens are stock tokens
 SAMPLES = [(["wide2"], [7, 8], [9, 10, 11]), (["wide3", "square4"], [12], [13, 14]), (["square4"], [15, 16, 17, 18], [19])]
 P = nf.VIEW_TOKENS
@@ -334,3 +334,10 @@ def test_plan_views_single_view_keeps_floor_of_retention():
     scores = torch.randn(1, P, generator=torch.Generator().manual_seed(1))
     kept = method.plan_views(views_site(scores, torch.zeros(0, 0, dtype=torch.long), (0, 0)))
     assert len(kept) == 1 and kept[0].tolist() == scores[0].topk(36).indices.sort().values.tolist()
+
+
+def test_cdpruner_needs_prompt_text_and_is_refused_before_mutation(model):
+    forward = model.model.forward
+    with pytest.raises(tr.UnsupportedModelError, match=r"needs \['prompt_text'\]"):
+        tr.apply(model, tr.CDPrunerConfig(keep=16))
+    assert model.model.forward == forward and "cdpruner" not in tr.supported(model)

@@ -19,6 +19,9 @@ CASES = {
     "visionzip": (tr.VisionZipConfig(ratio=0.0), tr.VisionZipConfig(keep=32), 32),
     "divprune": (tr.DivPruneConfig(ratio=0.0), tr.DivPruneConfig(keep=16), 16),
     "vispruner": (tr.VisPrunerConfig(ratio=0.0), tr.VisPrunerConfig(keep=16), 16),
+    "prumerge": (tr.PruMergeConfig(ratio=0.0), tr.PruMergeConfig(keep=16), 16),
+    "prumerge_plus": (tr.PruMergePlusConfig(ratio=0.0), tr.PruMergePlusConfig(keep=16), 16),
+    "cdpruner": (tr.CDPrunerConfig(ratio=0.0), tr.CDPrunerConfig(keep=16), 16),
 }
 FIXTURES = {"llava": lambda: vf.llava(), "llava_full_last": lambda: vf.llava(feature_layer=-1, strategy="full")}
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
@@ -83,8 +86,9 @@ def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case)
     keep = CASES[case][2] + vf.placeholders(model) - vf.IMAGE_TOKENS
     with tr.apply(model, CASES[case][1]):
         _, tokens = run(model, prompts, pixels)
-        with torch.no_grad():
-            features = torch.cat(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
+        ids, mask = vf.batch(prompts)
+        with torch.no_grad():  # the visual tokens of a forward with the same prompts (CDPruner's selection depends on them)
+            features = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).image_hidden_states
     short = [[t for i, t in enumerate(p) if t != vf.IMAGE_TOKEN or i - p.index(vf.IMAGE_TOKEN) < keep] for p in prompts]
     ids, mask = vf.batch(short)
     with torch.no_grad():
@@ -104,7 +108,7 @@ def test_cached_generate_equals_recomputation(model, prompts, case):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("case", ["fastervlm", "ficoco_v", "divprune", "visionzip"])
+@pytest.mark.parametrize("case", ["fastervlm", "ficoco_v", "divprune", "visionzip", "prumerge_plus", "cdpruner"])
 def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
     pixels = vf.pixels(3, seed=4)
     with tr.apply(model, CASES[case][1]):
@@ -151,3 +155,87 @@ def test_bf16(model, prompts):
         assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     finally:
         model.to(torch.float32)
+
+
+def adaptive_pixels():
+    """Three images whose IQR outlier counts differ on the fixtures (checked in the test)."""
+    pixels = vf.pixels(3, seed=1)
+    pixels[1] *= 0.1
+    pixels[2] = pixels[2].abs()
+    return pixels
+
+
+@pytest.mark.parametrize("config", [tr.PruMergeConfig(), tr.PruMergePlusConfig()], ids=["prumerge", "prumerge_plus"])
+def test_adaptive_counts_per_image_batch_equals_samples_and_stock_model(model, prompts, config):
+    pixels = adaptive_pixels()
+    with tr.apply(model, config) as handle:
+        batch_logits, batch_tokens = run(model, prompts, pixels)
+        counts = handle.stats()["visual_tokens_out"]
+        with torch.no_grad():
+            real = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        for i, prompt in enumerate(prompts):
+            logits, tokens = run(model, [prompt], pixels[i : i + 1])
+            assert torch.equal(tokens[0], batch_tokens[i])
+            torch.testing.assert_close(logits[0, -1], batch_logits[i, -1], rtol=1e-4, atol=1e-5)
+    assert len(set(counts)) > 1 and all(1 < c < vf.IMAGE_TOKENS for c in counts)
+    assert [f.shape[0] for f in real] == counts
+    short = [[t for j, t in enumerate(p) if t != vf.IMAGE_TOKEN or j - p.index(vf.IMAGE_TOKEN) < c] for p, c in zip(prompts, counts)]
+    ids, mask = vf.batch(short)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == vf.IMAGE_TOKEN] = torch.cat(real)
+        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                  suppress_tokens=[vf.IMAGE_TOKEN])
+    assert torch.equal(batch_tokens, expected)
+
+
+def test_prumerge_plan_matches_the_reference_loop():
+    """PruMerge's merge, transcribed from the reference's per-token loop, against plan + apply_plan."""
+    from tokenreduce.merge_slot import Site
+    from tokenreduce.methods.prumerge import PruMerge
+    from tokenreduce.ops.merge import apply_plan
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, n, d = 2, 2, 50, 4
+    x, q, k = torch.randn(batch, n, 6, generator=g), torch.randn(batch, heads, n, d, generator=g), torch.randn(batch, heads, n, d, generator=g)
+    q[:, :, 0] *= 3  # a peaked [CLS] row, so that there are outliers
+    method = PruMerge(tr.PruMergeConfig(neighbours=5), {"num_layers": 1, "default_layer": 0, "reducible_tokens": n - 1})
+    site = Site(x=x, q=q, k=k, scale=d**-0.5, positions=torch.arange(n).expand(batch, n), sizes=None, protected=1, has_cls=True,
+                grid=(7, 7), layer=0, remove=1)
+    plan = method.plan(site)
+    out, _ = apply_plan(plan, x)
+    for b in range(batch):
+        qf, kf = q[b].transpose(0, 1).flatten(1), k[b].transpose(0, 1).flatten(1)  # [N, H*d], the projections' outputs
+        attn = ((qf[0] @ kf.T) * (heads * d) ** -0.5).softmax(-1)[1:]
+        q1, q3 = torch.quantile(attn, 0.25), torch.quantile(attn, 0.75)
+        idx = sorted((attn > q3 + 1.5 * (q3 - q1)).nonzero()[:, 0].tolist())
+        keys = torch.nn.functional.normalize(kf[1:], dim=-1)
+        feats = x[b, 1:]
+        expected = [x[b, 0]]
+        for i in idx:
+            others = [j for j in range(n - 1) if j != i]
+            cluster = (keys[i] @ keys[others].T).topk(5).indices
+            members = torch.tensor(others)[cluster]
+            expected.append(feats[i] + (feats[members] * attn[members, None]).sum(0))
+        rest = [j for j in range(n - 1) if j not in idx]
+        expected.append((feats[rest] * attn[rest, None]).sum(0))
+        real = out[b] if plan.valid is None else out[b][plan.valid[b]]
+        assert 2 < len(idx) < n // 2
+        torch.testing.assert_close(real, torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_cdpruner_sees_each_images_own_prompt(model, prompts, monkeypatch):
+    from tokenreduce.methods.cdpruner import CDPruner
+
+    seen = []
+    original = CDPruner.plan
+    monkeypatch.setattr(CDPruner, "plan", lambda self, site: seen.append(site) or original(self, site))
+    ids, mask = vf.batch(prompts)
+    with tr.apply(model, tr.CDPrunerConfig(keep=16)):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
+    (site,) = seen
+    embed = model.get_input_embeddings()
+    for b, prompt in enumerate(prompts):
+        text = torch.tensor([t for t in prompt if t != vf.IMAGE_TOKEN])
+        assert torch.equal(site.text[b][site.text_mask[b]], embed(text))

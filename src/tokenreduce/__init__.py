@@ -14,8 +14,8 @@ from .diffusion import (
     DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig, ToCaConfig, ToMeDiTConfig,
 )
 from .methods import (
-    DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, GlobalCom2Config, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig,
-    VisionZipConfig, VisPrunerConfig,
+    CDPrunerConfig, DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, GlobalCom2Config, PoolingConfig, PruMergeConfig, PruMergePlusConfig,
+    RandomConfig, ToMeConfig, UniformConfig, VisionZipConfig, VisPrunerConfig,
 )
 from .registry import register_adapter, register_method
 
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DeltaDiTConfig", "FirstBlockCacheConfig", "FORAConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig",
     "ToMeDiTConfig",
-    "AlreadyAppliedError", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "Handle",
-    "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
+    "AlreadyAppliedError", "CDPrunerConfig", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "Handle",
+    "PoolingConfig", "PruMergeConfig", "PruMergePlusConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
 ]

@@ -83,6 +83,12 @@ def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
     method_cls = registry.method_for(config)
     adapter = registry.adapter_for(model)(model)
     site = method_cls.pick_site(adapter.sites)
+    missing = method_cls.requires - adapter.provides
+    if missing:
+        raise UnsupportedModelError(
+            f"{config.method} needs {sorted(missing)} from the model's adapter, which {type(model).__name__}'s adapter does not "
+            f"provide; methods for this model: {', '.join(supported(model))}"
+        )
     if site is None:
         raise UnsupportedModelError(
             f"{config.method} acts on {sorted(method_cls.sites)} sites but {type(model).__name__} offers {sorted(adapter.sites)}; "
@@ -138,7 +144,12 @@ def supported(model: nn.Module) -> list[str]:
         adapter_cls = registry.adapter_for(model)
     except UnsupportedModelError:
         return []
-    return [cfg.method for cfg in registry.method_configs() if registry.method_for_class(cfg).sites & adapter_cls.sites]
+    return [cfg.method for cfg in registry.method_configs() if _fits(registry.method_for_class(cfg), adapter_cls)]
+
+
+def _fits(method_cls: type, adapter_cls: type) -> bool:
+    """The adapter offers one of the method's sites and provides what the method requires."""
+    return bool(method_cls.sites & adapter_cls.sites) and method_cls.requires <= adapter_cls.provides
 
 
 __all__ = ["ConfigError", "Handle", "apply", "list_methods", "remove", "supported"]

@@ -67,6 +67,8 @@ class Site:
     grid: tuple[int, int]  # original patch grid (rows, cols)
     layer: int
     remove: int  # net tokens this step must remove
+    text: torch.Tensor | None = None  # [B, T, C'] input embeddings of each image's prompt (VLMs; None elsewhere)
+    text_mask: torch.Tensor | None = None  # [B, T] bool, the text tokens of ``text`` (not images, not padding)
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,15 @@ class TowerRun:
     tokens_per_layer: list[int] = field(default_factory=list)
     tokens_in: int = 0
     forwards: int = 0
+    text: torch.Tensor | None = None  # set by a VLM adapter for the coming forward, see Site.text
+    text_mask: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [B, N] bool after an adaptive-count step (TokenPlan.valid), else None
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a forward pass: fresh positions, unit sizes, this input's schedule."""
         batch, n, _ = x.shape
         self.positions = torch.arange(n, device=x.device).expand(batch, n)
-        self.sizes = self.bias = None
+        self.sizes = self.bias = self.valid = None
         self.grid = self.grid_for(n - self.protected)
         self.schedule = self.method.schedule(n - self.protected)
         self.tokens_in = n
@@ -163,6 +168,7 @@ class TowerRun:
         site = Site(
             x=x, q=capture.q, k=capture.k, scale=scale, positions=self.positions, sizes=self.sizes,
             protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
+            text=self.text, text_mask=self.text_mask,
         )
         return self._apply(self.method.plan(site), x)
 
@@ -174,7 +180,8 @@ class TowerRun:
         if plan.new_tokens:
             extra = plan.new_positions if plan.new_positions is not None else positions.new_full((x.shape[0], plan.new_tokens), -1)
             positions = torch.cat([positions, extra], dim=1)
-        self.positions = positions
+        self.valid = plan.valid
+        self.positions = positions if plan.valid is None else positions.masked_fill(~plan.valid, -1)
         return x
 
 

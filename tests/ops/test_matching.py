@@ -9,8 +9,10 @@ import torch
 
 from tokenreduce.ops.matching import (
     bipartite_soft_matching,
+    dpp_greedy_map,
     keep_top,
     max_bipartite_merges,
+    nearest_neighbours,
     plan_fold,
     plan_prune,
     quantile_targets,
@@ -331,3 +333,66 @@ def test_deduplicate_removes_exact_duplicates_first():
     # A = positions 0, 2, 4 = e0, e1, e3; B = positions 1, 3, 5 = e0, e2, e3: A's e0 and e3 are duplicates.
     features = torch.stack([e[0], e[0], e[1], e[2], e[3], e[3]]).unsqueeze(0)
     assert deduplicate(features, 4, 8)[0].tolist() == [1, 2, 3, 5]
+
+
+# --- nearest_neighbours (PruMerge correlate) -----------------------------------
+
+
+def test_nearest_neighbours_hand_built():
+    metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]]])
+    got = nearest_neighbours(metric, torch.tensor([[0, 2]]), 2)
+    assert got.tolist() == [[[1, 3], [3, 1]]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_neighbours_match_a_naive_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(2, 11, 5, generator=g)
+    anchors = torch.stack([torch.randperm(11, generator=g)[:4] for _ in range(2)])
+    got = nearest_neighbours(metric, anchors, 3)
+    for b in range(2):
+        for a, anchor in enumerate(anchors[b].tolist()):
+            cos = {j: float(torch.nn.functional.cosine_similarity(metric[b, anchor], metric[b, j], dim=0)) for j in range(11) if j != anchor}
+            expected = sorted(cos, key=lambda j: -cos[j])[:3]
+            assert got[b, a].tolist() == expected
+
+
+# --- dpp_greedy_map (CDPruner selection) ----------------------------------------
+
+
+def naive_dpp_map(kernel: torch.Tensor, k: int) -> list[int]:
+    """Greedy MAP by brute force: each step adds the item maximising log det of the selected kernel block."""
+    kernel, chosen = kernel.double(), []
+    for _ in range(k):
+        best, best_value = None, -math.inf
+        for j in range(kernel.shape[0]):
+            if j in chosen:
+                continue
+            index = torch.tensor(chosen + [j])
+            sign, logdet = torch.linalg.slogdet(kernel[index][:, index])
+            value = float(logdet) if sign > 0 else -math.inf
+            if value > best_value:
+                best, best_value = j, value
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_dpp_greedy_map_matches_log_det_greedy(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 12, 16, generator=g)
+    quality = torch.rand(2, 12, generator=g) + 0.5
+    unit = features / features.norm(dim=-1, keepdim=True)
+    kernel = quality.unsqueeze(2) * (unit @ unit.transpose(-1, -2)) * quality.unsqueeze(1)
+    got = dpp_greedy_map(kernel, k)
+    assert [naive_dpp_map(kernel[b], k) for b in range(2)] == got.tolist()
+
+
+def test_dpp_greedy_map_skips_duplicates_and_prefers_quality():
+    # items 0 and 1 are identical (det of the pair is 0); item 2 is orthogonal with lower quality
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    quality = torch.tensor([[2.0, 1.5, 1.0]])
+    kernel = quality.unsqueeze(2) * (features @ features.transpose(-1, -2)) * quality.unsqueeze(1)
+    assert dpp_greedy_map(kernel, 2).tolist() == [[0, 2]]
+    assert dpp_greedy_map(kernel, 3).tolist() == [[0, 1, 2]]  # past the rank: stays finite and distinct

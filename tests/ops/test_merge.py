@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tokenreduce.ops.merge import TokenPlan, apply_plan, complement, gather_tokens, output_index, size_bias
+from tokenreduce.ops.merge import TokenPlan, apply_plan, complement, gather_tokens, kept_first, output_index, size_bias
 
 
 def t(values, dtype=torch.float32):
@@ -46,6 +46,13 @@ def test_complement_is_ascending_rest():
 def test_complement_of_nothing_and_everything():
     assert complement(torch.zeros(2, 0, dtype=torch.long), 3).tolist() == [[0, 1, 2], [0, 1, 2]]
     assert complement(torch.tensor([[2, 0, 1]]), 3).shape == (1, 0)
+
+
+def test_kept_first_pads_each_row_after_its_selection():
+    selected = torch.tensor([[False, True, False, True, False], [True, False, False, False, False], [True, True, True, False, False]])
+    keep, valid = kept_first(selected)
+    assert keep.tolist() == [[1, 3, 0], [0, 1, 2], [0, 1, 2]]
+    assert valid.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
 
 
 def test_output_index_table():

@@ -12,10 +12,13 @@ from tokenreduce.ops.scoring import (
     attention_received,
     cls_attention,
     grid_cells,
+    iqr_outliers,
     l2_normalize,
     key_metric,
     mean_key_logits,
+    merge_heads,
     row_attention,
+    text_relevance,
     window_penalty,
 )
 
@@ -212,3 +215,55 @@ def test_grid_cells_matches_naive():
         else:
             r, c = divmod(pos - protected, cols)
             assert cell == (r // window) * per_row + c // window
+
+
+# --- PruMerge: single-head-style [CLS] attention and IQR outliers ------------------
+
+
+def test_merge_heads_gives_the_full_width_dot_product():
+    q, k = qk(3)
+    scale = (q.shape[1] * q.shape[3]) ** -0.5
+    got = cls_attention(merge_heads(q), merge_heads(k), scale)
+    logits = torch.einsum("bhd,bhnd->bn", q[:, :, 0].double(), k.double()) * scale  # sum over heads of q_h . k_h
+    torch.testing.assert_close(got, logits.softmax(dim=-1).float())
+    assert merge_heads(q)[0, 0, 2].tolist() == q[0, :, 2].flatten().tolist()
+
+
+def test_iqr_outliers_hand_built():
+    # quartiles of 0..7 plus 40 (9 values, linear): Q1 = 2, Q3 = 6, fence 12 -> only 40
+    scores = torch.tensor([[0.0, 1, 2, 3, 40, 4, 5, 6, 7]])
+    assert iqr_outliers(scores).nonzero()[:, 1].tolist() == [4]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_iqr_outliers_match_numpy_percentile(seed):
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(3, 37, generator=g) ** 6  # skewed, like [CLS] attention
+    for row, got in zip(scores.double().numpy(), iqr_outliers(scores)):
+        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
+        assert got.tolist() == (row > q3 + 1.5 * (q3 - q1)).tolist()
+
+
+# --- CDPruner: instruction relevance ---------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_text_relevance_matches_a_naive_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    visual, text = torch.randn(2, 6, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    got = text_relevance(visual, text, mask)
+    for b in range(2):
+        raw = []
+        for i in range(6):
+            cos = [float(torch.nn.functional.cosine_similarity(visual[b, i].double(), text[b, j].double(), dim=0)) for j in range(4) if mask[b, j]]
+            raw.append(-sum(cos) / len(cos))
+        low, high = min(raw), max(raw)
+        torch.testing.assert_close(got[b], torch.tensor([(r - low) / (high - low) for r in raw]), rtol=1e-5, atol=1e-6)
+
+
+def test_text_relevance_without_text_is_one():
+    visual = torch.randn(2, 6, 5)
+    got = text_relevance(visual, torch.randn(2, 3, 5), torch.tensor([[False] * 3, [True] * 3]))
+    assert got[0].tolist() == [1.0] * 6 and got[1].min() == 0.0 and got[1].max() == 1.0

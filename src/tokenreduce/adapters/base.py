@@ -22,6 +22,7 @@ class Adapter:
     """Base adapter. ``sites`` names the kinds of reduction sites the model offers (e.g. ``"vit"``)."""
 
     sites: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()  # inputs beyond the site's tokens, e.g. "prompt_text" (Method.requires)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

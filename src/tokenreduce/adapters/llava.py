@@ -20,12 +20,20 @@ continues the same KV cache it drops the same columns from the attention mask an
 shifts the position ids, so ``generate()`` equals the stock model fed the pruned
 embeddings directly. Nothing of the model's own code is copied: image features
 come from its ``get_image_features`` and the LLM runs its own forward.
+
+:class:`ImageEncoder` shadows ``get_image_features`` with two services for
+methods: it hands each image's prompt text to the site (``Site.text``,
+CDPruner's relevance) and keeps each image's real tokens after an
+adaptive-count method (PruMerge, ``TokenPlan.valid``), so counts differ per image
+and the placeholder runs are shortened per image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +101,78 @@ class VlmRun:
 Placeholders = int | Callable[[dict[str, Any], list[torch.Tensor]], list[int]]
 
 
+class ImageEncoder:
+    """Shadows ``LlavaModel.get_image_features``: the prompt's text goes in, each image's real tokens come out.
+
+    Whoever encodes the images (the model's forward, ``generate()``, which in
+    transformers 5 encodes them before the first forward, or a user) gets:
+
+    * ``Site.text``: the LLM's own input embeddings of the sample's text tokens,
+      for each image, when the prompt is known (set by :meth:`prompt_of` around
+      the call). CDPruner's relevance (METHODS.md B6) compares the projected visual
+      tokens with the instruction; like the OpenVINO GenAI port, the instruction
+      is the LLM's embedding of the prompt, so no text tower is needed. Images map
+      to samples in order (the placeholder runs of sample 0 first).
+    * per-image features without the padding an adaptive-count method left
+      (``TowerRun.valid``), so counts may differ per image.
+    """
+
+    def __init__(self, inner: nn.Module, run: VlmRun, image_token_id: int, placeholders: int, cls_dropped: bool) -> None:
+        self.inner = inner
+        self.original = inner.get_image_features
+        self.run = run
+        self.image_token_id = image_token_id
+        self.placeholders = placeholders
+        self.cls_dropped = int(cls_dropped)  # the site's token 0 is a [CLS] that feature selection drops
+        self.prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @contextlib.contextmanager
+    def prompt_of(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> Iterator[None]:
+        """Images encoded inside this block belong to this prompt (no-op when ``input_ids`` is None)."""
+        previous = self.prompt
+        if input_ids is not None:
+            self.prompt = (input_ids, attention_mask)
+        try:
+            yield
+        finally:
+            self.prompt = previous
+
+    def __call__(self, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        vision = self.run.vision
+        self._share_text(vision, pixel_values.shape[0])
+        try:
+            out = self.original(pixel_values, *args, **kwargs)
+        finally:
+            vision.text = vision.text_mask = None
+        if vision.valid is not None and hasattr(out, "pooler_output"):
+            out.pooler_output = [f[v] for f, v in zip(out.pooler_output, vision.valid[:, self.cls_dropped :])]
+        return out
+
+    def _share_text(self, vision: TowerRun, images: int) -> None:
+        if self.prompt is None:
+            return
+        ids, mask = self.prompt
+        per_sample = (ids == self.image_token_id).sum(dim=1) // self.placeholders
+        if int(per_sample.sum()) != images:
+            return  # a mismatch that PlaceholderShrinker reports
+        text = ids != self.image_token_id
+        if mask is not None:
+            text &= mask > 0
+        vision.text = self.inner.get_input_embeddings()(ids).repeat_interleave(per_sample, dim=0)
+        vision.text_mask = text.repeat_interleave(per_sample, dim=0)
+
+
+def _generate_with_prompt(generate: Any, encoder: ImageEncoder) -> Any:
+    """``generate()`` encodes images before any forward sees the prompt: tell the encoder the prompt first."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+        with encoder.prompt_of(ids if isinstance(ids, torch.Tensor) else None, kwargs.get("attention_mask")):
+            return generate(*args, **kwargs)
+
+    return wrapper
+
+
 class PlaceholderShrinker:
     """The ``LlavaModel.forward`` wrapper that keeps placeholders, masks and positions consistent.
 
@@ -102,8 +182,12 @@ class PlaceholderShrinker:
     (LLaVA-NeXT's AnyRes counts depend on each image's size).
     """
 
-    def __init__(self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: Placeholders, run: VlmRun) -> None:
+    def __init__(
+        self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: Placeholders, run: VlmRun,
+        encoder: ImageEncoder | None = None,
+    ) -> None:
         self.inner = inner
+        self.encoder = encoder
         self.placeholders = placeholders
         self.original = inner.forward
         self.signature = inspect.signature(self.original)
@@ -116,13 +200,14 @@ class PlaceholderShrinker:
         kwargs.update(kwargs.pop("kwargs", {}))
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         if kwargs.get("pixel_values") is not None and encoded.get("image") is None:
-            encoded["image"] = self.inner.get_image_features(
-                pixel_values=kwargs["pixel_values"],
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                image_sizes=kwargs.get("image_sizes"),
-                return_dict=True,
-            )
+            with self.encoder.prompt_of(kwargs.get("input_ids"), kwargs.get("attention_mask")) if self.encoder else contextlib.nullcontext():
+                encoded["image"] = self.inner.get_image_features(
+                    pixel_values=kwargs["pixel_values"],
+                    vision_feature_layer=kwargs.get("vision_feature_layer"),
+                    vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                    image_sizes=kwargs.get("image_sizes"),
+                    return_dict=True,
+                )
             kwargs["pixel_values"], kwargs["mm_encoder_outputs"] = None, encoded
         if encoded.get("image") is not None:
             self._shorten_prefill(kwargs, list(encoded["image"].pooler_output))
@@ -238,6 +323,7 @@ class LlavaAdapter(Adapter):
     """Visual-token reduction for LLaVA-1.5-style models (one vision tower, one projector, one LLM)."""
 
     sites = frozenset({"vit", "vit_output", "projector_output"})
+    provides = frozenset({"prompt_text"})  # ImageEncoder shares each image's prompt embeddings (Site.text)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -271,7 +357,12 @@ class LlavaAdapter(Adapter):
     def attach(self, method: Any) -> tuple[list[Undo], VlmRun]:
         undo, vision = self.attach_vision(method)
         run = VlmRun(vision=vision)
-        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, self.placeholders(), run)
+        placeholders = self.placeholders()
+        encoder = ImageEncoder(self.inner, run, self.image_token_id, placeholders, self.drop_cls and self.site != "projector_output")
+        undo.append(replace_forward(self.inner, encoder, "get_image_features"))
+        if self.model is not self.inner and hasattr(self.model, "generate"):
+            undo.append(replace_forward(self.model, _generate_with_prompt(self.model.generate, encoder), "generate"))
+        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, placeholders, run, encoder)
         undo.append(replace_forward(self.inner, shrinker))
         return undo, run
 

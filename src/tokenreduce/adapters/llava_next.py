@@ -109,6 +109,7 @@ class LlavaNextAdapter(LlavaAdapter):
     """Visual-token reduction for LLaVA-NeXT (AnyRes thumbnail + crops, unpadding, newline tokens)."""
 
     sites = frozenset({"vit", "vit_output", "projector_output", "anyres"})
+    provides = frozenset()  # the tower's batch is views: prompt embeddings are not routed to them (no CDPruner)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -204,10 +205,14 @@ class LlavaNextAdapter(LlavaAdapter):
         offset = 0 if self.site == "projector_output" else self.tower.protected  # [CLS] was dropped after the tower
 
         def select(features: torch.Tensor, start: int, layout: AnyresLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            patch = vision.positions[start : start + features.shape[0], offset:] - offset  # [V, K]
+            views = slice(start, start + features.shape[0])
+            patch = vision.positions[views, offset:] - offset  # [V, K]
             crops = torch.arange(features.shape[0] - 1, device=patch.device).unsqueeze(1) * layout.patches
             ids = torch.where(patch[1:] >= 0, patch[1:] + crops, -1)
-            return features[0], features[1:].flatten(0, 1), ids.flatten()
+            if vision.valid is None:
+                return features[0], features[1:].flatten(0, 1), ids.flatten()
+            valid = vision.valid[views, offset:]  # adaptive counts: drop each view's padding
+            return features[0][valid[0]], features[1:][valid[1:]], ids[valid[1:]]
 
         return select
 

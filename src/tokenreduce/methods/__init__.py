@@ -9,8 +9,10 @@ from .visionzip import VisionZipConfig
 from .divprune import DivPruneConfig
 from .vispruner import VisPrunerConfig
 from .globalcom2 import GlobalCom2Config
+from .prumerge import PruMergeConfig, PruMergePlusConfig
+from .cdpruner import CDPrunerConfig
 
 __all__ = [
-    "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "ToMeConfig",
-    "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
+    "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",
+    "ToMeConfig", "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
 ]

@@ -20,6 +20,7 @@ class Method:
 
     sites: ClassVar[frozenset[str]] = frozenset()
     site_order: ClassVar[tuple[str, ...]] = ()  # preference when a model offers several of ``sites``
+    requires: ClassVar[frozenset[str]] = frozenset()  # what the adapter must provide besides the site (Adapter.provides)
     description: ClassVar[str] = ""
 
     def __init__(self, config: ReductionConfig, facts: dict[str, Any]) -> None:

@@ -142,3 +142,47 @@ def deduplicate(features: torch.Tensor, target: int, per_round: int) -> torch.Te
         dropped = duplicated.topk(drop, dim=-1).indices * 2  # positions within ``left``
         left = torch.gather(left, 1, complement(dropped, left.shape[1]))
     return left
+
+
+def nearest_neighbours(metric: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
+    """The k tokens most cosine-similar to each anchor, the anchor itself excluded: [B, A, k] indices into N.
+
+    metric: [B, N, C] (e.g. keys); anchors: [B, A] indices. LLaVA-PruMerge's
+    correlate step (arXiv 2403.15388, sec. 3.3): every kept token gathers its
+    key-nearest neighbours among all other tokens, kept or not.
+    """
+    unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    similarity = gather_tokens(unit, anchors) @ unit.transpose(-1, -2)  # [B, A, N]
+    similarity.scatter_(2, anchors.unsqueeze(-1), -torch.inf)
+    return similarity.topk(k, dim=-1).indices
+
+
+def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP inference for a determinantal point process (Chen, Zhang & Zhou, NeurIPS 2018, Alg. 1).
+
+    kernel: [B, N, N] positive semi-definite L. Each step adds the item j that
+    maximises log det(L_Y+j), which is the item with the largest residual
+    d_j^2 = L_jj - |c_j|^2 of the incremental Cholesky factorisation of L_Y; the
+    rows c and residuals d of all items are then updated in O(N * step) instead of
+    recomputing determinants. CDPruner (arXiv 2506.10967, sec. 3.4) selects its
+    visual tokens this way. Once the kernel's rank is exhausted every residual is
+    ~0; the remaining picks then follow the residuals without further updates.
+    Returns [B, k] ascending indices.
+    """
+    batch, n, _ = kernel.shape
+    kernel = kernel.float()
+    rows = torch.arange(batch, device=kernel.device)
+    factors = kernel.new_zeros(k, batch, n)  # c_i of every item, one Cholesky column per step
+    residual = kernel.diagonal(dim1=1, dim2=2).clone()  # d_j^2
+    chosen = torch.empty(batch, k, dtype=torch.long, device=kernel.device)
+    tiny = torch.finfo(torch.float32).eps
+    for step in range(k):
+        pick = residual.argmax(dim=-1)
+        chosen[:, step] = pick
+        gain = residual[rows, pick]
+        update = kernel[rows, pick] - torch.einsum("sb,sbn->bn", factors[:step, rows, pick], factors[:step])
+        column = torch.where(gain.unsqueeze(-1) > tiny, update / gain.clamp_min(tiny).sqrt().unsqueeze(-1), 0.0)
+        factors[step] = column
+        residual = residual - column.square()
+        residual[rows, pick] = -torch.inf
+    return chosen.sort(dim=-1).values

@@ -42,6 +42,11 @@ class TokenPlan:
             (-1: no single location, e.g. EViT's fused token).
         additive: fold without normalising, x_t <- x_t + sum_d a_dt x_d (VisionZip's
             contextual tokens, arXiv 2412.04467 sec. 3.3: target plus its group mean).
+        valid: [B, K+E] bool, None = every output is real. Adaptive-count methods
+            (PruMerge's IQR outliers) keep a different number of tokens per sample;
+            a batch stays rectangular by padding each row after its real kept tokens
+            (see :func:`kept_first`), and whoever consumes the output drops the
+            padding (DESIGN.md sec. 4.5: "adaptive-count methods re-pad").
     """
 
     keep: torch.Tensor
@@ -51,6 +56,7 @@ class TokenPlan:
     new_tokens: int = 0
     new_positions: torch.Tensor | None = None
     additive: bool = False
+    valid: torch.Tensor | None = None
 
     @property
     def num_out(self) -> int:
@@ -67,6 +73,19 @@ def complement(discard: torch.Tensor, n: int) -> torch.Tensor:
     dropped = torch.zeros(discard.shape[0], n, dtype=torch.uint8, device=discard.device)
     dropped.scatter_(1, discard, 1)
     return dropped.sort(dim=1, stable=True).indices[:, : n - discard.shape[1]]
+
+
+def kept_first(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectangular keep indices for per-sample selections of different sizes.
+
+    selected: [B, N] bool. Returns (keep [B, W], valid [B, W]) with W the largest
+    selection in the batch: each row lists its selected tokens in ascending order,
+    then pads with its unselected tokens (ascending), so indices stay unique per
+    row; ``valid`` marks the real ones.
+    """
+    width = int(selected.sum(dim=1).max()) if selected.numel() else 0
+    keep = (~selected).to(torch.uint8).sort(dim=1, stable=True).indices[:, :width]
+    return keep, torch.gather(selected, 1, keep)
 
 
 def output_index(keep: torch.Tensor, n: int) -> torch.Tensor:

@@ -110,3 +110,48 @@ def grid_cells(positions: torch.Tensor, protected: int, grid: tuple[int, int], w
     cells_per_row = -(-width // window)
     cell = row.div(window, rounding_mode="floor") * cells_per_row + col.div(window, rounding_mode="floor")
     return torch.where(valid, cell, -1)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, d] -> [B, 1, N, H*d]: the heads concatenated into one, as the q_proj / k_proj outputs are.
+
+    LLaVA-PruMerge (arXiv 2403.15388, code) hooks the projections and scores
+    "single-head style" over the full channel width; pair this with the scale
+    (H*d)**-0.5 to reproduce it with :func:`cls_attention`.
+    """
+    return t.transpose(1, 2).flatten(2).unsqueeze(1)
+
+
+def iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
+    """Tukey's upper fence per row: [B, N] bool, True where a score exceeds Q3 + 1.5 (Q3 - Q1).
+
+    LLaVA-PruMerge's adaptive selection (arXiv 2403.15388, sec. 3.2): the [CLS]
+    attention is sparse, so its outliers are the informative tokens and their
+    number adapts to the image. Quartiles interpolate linearly, as the
+    reference's ``numpy.percentile``.
+    """
+    values = scores.float()
+    quartiles = torch.quantile(values, torch.tensor([0.25, 0.75], device=values.device), dim=-1)  # [2, B]
+    fence = quartiles[1] + 1.5 * (quartiles[1] - quartiles[0])
+    return values > fence.unsqueeze(-1)
+
+
+def text_relevance(visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """CDPruner's instruction relevance (arXiv 2506.10967, sec. 3.3), min-max normalised per sample: [B, N].
+
+    visual: [B, N, C]; text: [B, T, C] in the same space (the LLM's input
+    embeddings of the prompt, as the OpenVINO GenAI port does); text_mask: [B, T]
+    bool, the text tokens to average over. A visual token's relevance is the
+    **negated** mean cosine similarity to the text tokens; the reference (and TRIM)
+    negate deliberately, kept here. A row without text, or with equal scores
+    everywhere, gets relevance 1 for every token (no conditioning).
+    """
+    unit_v = visual.float() / visual.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit_t = text.float() / text.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    weight = text_mask.float()
+    count = weight.sum(dim=-1, keepdim=True)  # [B, 1]
+    raw = -((unit_v @ unit_t.transpose(-1, -2)) * weight.unsqueeze(1)).sum(dim=-1) / count.clamp_min(1.0)
+    low, high = raw.min(dim=-1, keepdim=True).values, raw.max(dim=-1, keepdim=True).values
+    spread = high - low
+    scaled = (raw - low) / spread.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where((count > 0) & (spread > 0), scaled, torch.ones_like(raw))
