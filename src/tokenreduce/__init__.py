@@ -17,6 +17,7 @@ from .methods import (
     DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig,
     VisionZipConfig, VisPrunerConfig,
 )
+from .methods import FastVConfig
 from .registry import register_adapter, register_method
 
 __version__ = "0.1.0"
@@ -27,4 +28,5 @@ __all__ = [
     "AlreadyAppliedError", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "Handle",
     "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
+    "FastVConfig",
 ]

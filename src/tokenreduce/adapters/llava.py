@@ -9,7 +9,10 @@ Three sites (METHODS.md sec. 0.3):
   with that block's q and k for [CLS]-attention scores (FasterVLM, VisionZip, the
   baselines);
 * ``projector_output`` (H3): one reduction of the projected visual embeddings
-  (DivPrune, CDPruner).
+  (DivPrune, CDPruner);
+* ``llm`` (H4/H5): cuts inside the language model (FastV, PyramidDrop, DART), run
+  by the decoder machinery of :mod:`.decoder`; this adapter only reports each
+  prompt's visual tokens (``input_ids == image_token_id``).
 
 Whatever the site, the image features end up shorter than the placeholder runs the
 processor expanded. :class:`PlaceholderShrinker` wraps ``LlavaModel.forward``: at
@@ -36,6 +39,7 @@ from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, reduce_module_output, replace_forward
 from ..registry import register_adapter
 from .base import Adapter, Undo
+from .decoder import DecoderRun, attach_decoder
 from .vit import VitTowerAdapter
 
 _LLAVA = "transformers.models.llava.modeling_llava"
@@ -199,6 +203,12 @@ class PlaceholderShrinker:
             kwargs["position_ids"] = kwargs["position_ids"] - prefill.shift.unsqueeze(1)
 
 
+def _image_tokens(args: tuple, kwargs: dict[str, Any], image_token_id: int) -> torch.Tensor | None:
+    """[B, N] bool image placeholders of a ``LlavaModel`` call (None when it gets no ``input_ids``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return None if ids is None else ids == image_token_id
+
+
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
     cache = kwargs.get("past_key_values")
     return cache is None or cache.get_seq_length() == 0
@@ -208,7 +218,7 @@ def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
 class LlavaAdapter(Adapter):
     """Visual-token reduction for LLaVA-1.5-style models (one vision tower, one projector, one LLM)."""
 
-    sites = frozenset({"vit", "vit_output", "projector_output"})
+    sites = frozenset({"vit", "vit_output", "projector_output", "llm"})
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -237,10 +247,22 @@ class LlavaAdapter(Adapter):
         facts = dict(self.tower.describe(), default_layer=self.feature_block)
         if self.site == "projector_output":
             facts.update(num_layers=1, default_layer=0, protected_tokens=0 if self.drop_cls else self.tower.protected)
+        if self.site == "llm":
+            facts.update(num_layers=len(self.inner.language_model.layers), reducible_tokens=self.placeholders)
         return facts
 
-    def attach(self, method: Any) -> tuple[list[Undo], VlmRun]:
+    @property
+    def placeholders(self) -> int:
+        """Image placeholders per image, as the processor expands ``<image>``."""
+        return self.tower.grid[0] * self.tower.grid[1] + (0 if self.drop_cls else self.tower.protected)
+
+    def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:
         tower = self.tower
+        if self.site == "llm":
+            undo, decoder = attach_decoder(self.inner.language_model, method)
+            report = self.inner.register_forward_pre_hook(lambda _m, args, kwargs: decoder.expect_visual(
+                _image_tokens(args, kwargs, self.image_token_id)), with_kwargs=True)
+            return [*undo, report.remove], decoder
         undo: list[Undo] = []
         if self.site == "vit":
             undo, vision = tower.attach(method)
@@ -255,7 +277,6 @@ class LlavaAdapter(Adapter):
             vision = TowerRun(protected=protected, has_cls=False, grid_for=tower.grid_for, method=method)
             undo = [reduce_module_output(self.inner.multi_modal_projector, 0, QKCapture(), 0.0, vision)]
         run = VlmRun(vision=vision)
-        placeholders = tower.grid[0] * tower.grid[1] + (0 if self.drop_cls else tower.protected)
-        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, placeholders, run)
+        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, self.placeholders, run)
         undo.append(replace_forward(self.inner, shrinker))
         return undo, run

@@ -8,8 +8,10 @@ from .fastervlm import FasterVLMConfig
 from .visionzip import VisionZipConfig
 from .divprune import DivPruneConfig
 from .vispruner import VisPrunerConfig
+from .fastv import FastVConfig
 
 __all__ = [
     "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig",
     "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
+    "FastVConfig",
 ]

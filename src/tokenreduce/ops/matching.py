@@ -142,3 +142,23 @@ def deduplicate(features: torch.Tensor, target: int, per_round: int) -> torch.Te
         dropped = duplicated.topk(drop, dim=-1).indices * 2  # positions within ``left``
         left = torch.gather(left, 1, complement(dropped, left.shape[1]))
     return left
+
+
+def least_duplicated(pivots: torch.Tensor, candidates: torch.Tensor, picks: list[int]) -> torch.Tensor:
+    """DART's duplication-based selection (arXiv 2502.11494, sec. 3.2; official ``get_retained_image_token``).
+
+    pivots: [B, P, C]; candidates: [B, M, C]; picks[p]: how many candidates pivot p takes.
+    Pivots take turns in order; each takes the candidates *least* cosine-similar to it
+    among those not taken yet, so kept tokens are the ones the pivots duplicate least.
+    Returns [B, sum(picks)] ascending indices into the M candidates.
+    """
+    unit_c = candidates.float() / candidates.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    unit_p = pivots.float() / pivots.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    similarity = unit_p @ unit_c.transpose(-1, -2)  # [B, P, M]
+    taken = torch.zeros(candidates.shape[:2], dtype=torch.bool, device=candidates.device)
+    chosen = []
+    for p, count in enumerate(picks):
+        pick = similarity[:, p].masked_fill(taken, torch.inf).topk(count, dim=-1, largest=False).indices
+        taken.scatter_(1, pick, True)
+        chosen.append(pick)
+    return torch.cat(chosen, dim=1).sort(dim=-1).values

@@ -110,3 +110,16 @@ def grid_cells(positions: torch.Tensor, protected: int, grid: tuple[int, int], w
     cells_per_row = -(-width // window)
     cell = row.div(window, rounding_mode="floor") * cells_per_row + col.div(window, rounding_mode="floor")
     return torch.where(valid, cell, -1)
+
+
+def query_rows_attention(query_rows: torch.Tensor, key: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """Probe P2: softmax attention of chosen query rows over a decoder layer's keys, head mean: [B, R, N].
+
+    query_rows: [B, H, R, d] (after RoPE); key: [B, H_kv, N, d] (after RoPE; grouped-query
+    heads are expanded as ``repeat_kv`` does); valid: [B, R, N] bool, the keys each row may
+    see (causal + padding). The softmax runs over the whole visible row before any
+    restriction to visual columns, as an eager attention map would (METHODS.md sec. C).
+    """
+    key = key.float().repeat_interleave(query_rows.shape[1] // key.shape[1], dim=1)
+    logits = (query_rows.float() @ key.transpose(-1, -2)) * scale  # [B, H, R, N]
+    return logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1).mean(dim=1)
