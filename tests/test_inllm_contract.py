@@ -19,6 +19,8 @@ from tokenreduce import registry
 LAYERS = 4
 CASES = {
     "fastv": (tr.FastVConfig(ratio=0.0), tr.FastVConfig(layer=2, keep=40), [144, 144, 40, 40]),
+    "pdrop": (tr.PDropConfig(layers=(1, 2, 3), lam=1.0), tr.PDropConfig(layers=(1, 2, 3), lam=0.5), [144, 72, 36, 18]),
+    "dart": (tr.DARTConfig(ratio=0.0), tr.DARTConfig(layer=2, keep=30), [144, 144, 30, 30]),
 }
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
 
@@ -42,9 +44,15 @@ def prompts():
 
 
 def run(model, prompts, pixels, side="left", **generate):
+    """Logits of one forward and 4 greedy tokens; positions skip left padding, as ``generate`` does.
+
+    (DART's pivots use the L1 norm of keys after RoPE, which depends on absolute
+    positions, so a padded sample only matches its unpadded run with these positions.)
+    """
     ids, mask = vf.batch(prompts, side)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels).logits
         tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
                                 suppress_tokens=[vf.IMAGE_TOKEN], **generate)
     return logits, tokens[:, ids.shape[1]:]

@@ -17,7 +17,7 @@ from .methods import (
     DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, PoolingConfig, RandomConfig, ToMeConfig, UniformConfig,
     VisionZipConfig, VisPrunerConfig,
 )
-from .methods import FastVConfig
+from .methods import DARTConfig, FastVConfig, PDropConfig
 from .registry import register_adapter, register_method
 
 __version__ = "0.1.0"
@@ -28,5 +28,5 @@ __all__ = [
     "AlreadyAppliedError", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "Handle",
     "PoolingConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
-    "FastVConfig",
+    "DARTConfig", "FastVConfig", "PDropConfig",
 ]

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..methods.inllm import CutSite, DecoderMethod
-from ..ops.merge import complement, gather_tokens, output_index
+from ..ops.merge import gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
 PROBE_ATTENTION = "tokenreduce_sdpa"
@@ -92,7 +92,7 @@ def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device
     """[B] index of each sample's last unpadded token (left or right padding)."""
     if mask2d is None:
         return torch.full((batch,), length - 1, dtype=torch.long, device=device)
-    return length - 1 - mask2d.flip(1).to(torch.long).argmax(dim=1)
+    return last_true(mask2d.bool())
 
 
 @dataclass
@@ -252,7 +252,7 @@ class DecoderRun:
             row_probe=lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask),
         )
         survivors = (~run.visual).scatter(1, self.method.select(site), True)
-        keep = _ascending(survivors, n - int(run.visual[0].sum()) + run.cuts[layer])
+        keep = true_indices(survivors, n - int(run.visual[0].sum()) + run.cuts[layer])
         run.query = output_index(keep, n).gather(1, run.query[:, None])[:, 0]
         run.columns, run.visual = run.columns.gather(1, keep), run.visual.gather(1, keep)
         run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in full_embeddings)
@@ -322,13 +322,6 @@ def _gather_ids(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Position ids [1 or B, N] (or M-RoPE [3, 1 or B, N]) at [B, K] columns, on the token axis."""
     lead = t.shape[:-2]
     return t.expand(*lead, *columns.shape[:1], t.shape[-1]).gather(-1, columns.expand(*lead, -1, -1))
-
-
-def _ascending(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, count] ascending indices of the True entries of a [B, N] mask with ``count`` True per row."""
-    n = mask.shape[1]
-    order = torch.arange(n, device=mask.device).expand_as(mask)
-    return torch.where(mask, order, order + n).sort(dim=1).values[:, :count]
 
 
 def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embeddings: tuple[torch.Tensor, torch.Tensor],

@@ -9,9 +9,11 @@ from .visionzip import VisionZipConfig
 from .divprune import DivPruneConfig
 from .vispruner import VisPrunerConfig
 from .fastv import FastVConfig
+from .pdrop import PDropConfig
+from .dart import DARTConfig
 
 __all__ = [
     "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "PoolingConfig", "RandomConfig", "ToMeConfig",
     "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
-    "FastVConfig",
+    "DARTConfig", "FastVConfig", "PDropConfig",
 ]
