@@ -15,6 +15,10 @@ from transformers.modeling_utils import AttentionInterface
 
 import tokenreduce as tr
 from tokenreduce import registry
+from tokenreduce.methods.dart import DART
+from tokenreduce.methods.pdrop import PDrop
+from tokenreduce.ops.matching import least_duplicated
+from tokenreduce.ops.scoring import query_rows_attention
 
 LAYERS = 4
 CASES = {
@@ -196,25 +200,22 @@ def test_each_layer_runs_once_and_attention_stays_sdpa(model, prompts, case, mon
         with tr.apply(model, CASES[case][1]):
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
+                assert layer_calls == [1] * LAYERS and calls == list(range(LAYERS))
+                model.generate(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), max_new_tokens=4, do_sample=False)
     finally:
         for hook in hooks:
             hook.remove()
-    assert layer_calls == [1] * LAYERS
-    assert calls == list(range(LAYERS))
+    assert layer_calls == [5] * LAYERS  # one prefill + 3 decode steps, each layer once per forward
+    assert calls == list(range(LAYERS)) * 5
 
 
 def test_fastv_keeps_the_top_of_the_eager_attention_row_of_layer_k_minus_1(model, prompts):
     """Independent check: the eager model's attention of the last token at layer K-1, head mean, top-k over image columns."""
     keep, layer = 40, 2
-    ids, mask = vf.batch(prompts)
+    ids, mask = vf.batch(prompts)  # left padding: the last column is every sample's last token
     pixels = vf.pixels(3, seed=2)
-    eager = copy.deepcopy(model)
-    eager.config.text_config._attn_implementation = "eager"
-    with torch.no_grad():
-        attentions = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions
-    row = attentions[layer - 1][:, :, -1].mean(dim=1)  # left padding: the last column is every sample's last token
-    image = ids == vf.IMAGE_TOKEN
-    expected = row.masked_fill(~image, -1).topk(keep, dim=-1).indices.sort(dim=-1).values.tolist()
+    row = eager_last_row(model, ids, mask, pixels, layer - 1)
+    expected = row.masked_fill(ids != vf.IMAGE_TOKEN, -1).topk(keep, dim=-1).indices.sort(dim=-1).values.tolist()
     with tr.apply(model, tr.FastVConfig(layer=layer, keep=keep)) as handle:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
@@ -263,6 +264,25 @@ def test_layer_zero_is_refused_before_apply():
         tr.FastVConfig(layer=0)
 
 
+def test_a_language_model_off_sdpa_is_refused_untouched(model):
+    eager = copy.deepcopy(model)
+    eager.config.text_config._attn_implementation = "eager"
+    with pytest.raises(tr.UnsupportedModelError, match=r"runs 'eager'; load the model with attn_implementation='sdpa'"):
+        tr.apply(eager, tr.FastVConfig())
+    assert eager.config.text_config._attn_implementation == "eager" and tr.remove(eager) == 0
+
+
+def test_static_cache_is_refused(model, prompts, reference):
+    from transformers import StaticCache
+
+    ids, mask = vf.batch(prompts)
+    with tr.apply(model, tr.FastVConfig(keep=16)):
+        with pytest.raises(ValueError, match=r"needs a DynamicCache \(per-layer lengths\), got StaticCache"):
+            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3),
+                  past_key_values=StaticCache(config=model.config.text_config, max_cache_len=256))
+    untouched(model, prompts, reference)
+
+
 def test_unequal_visual_counts_raise_and_leave_the_model_working(model, prompts, reference):
     ids, mask = vf.batch([vf.prompt([7], [8]), [vf.BOS, 7, 8, 9]])
     with tr.apply(model, tr.FastVConfig(keep=16)):
@@ -282,3 +302,102 @@ def test_bf16(model, prompts, case):
         assert handle.stats()["visual_tokens_per_layer"] == CASES[case][2]
     assert torch.equal(zero[0], reference[0]) and torch.equal(zero[1], reference[1])
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def eager_last_row(model, ids, mask, pixels, layer: int) -> torch.Tensor:
+    """Head-mean attention row of the last token at ``layer`` of the unreduced model, with eager attention: [B, N]."""
+    eager = copy.deepcopy(model)
+    eager.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions
+    return attentions[layer][:, :, -1].mean(dim=1)
+
+
+def test_pdrop_first_stage_keeps_the_top_of_the_eager_attention_row_of_its_own_layer(model, prompts):
+    """PDrop scores the boundary with layer K's own weights on the hidden states entering K (METHODS.md C2, step 2)."""
+    ids, mask = vf.batch(prompts)
+    pixels = vf.pixels(3, seed=5)
+    row = eager_last_row(model, ids, mask, pixels, layer=2)
+    expected = row.masked_fill(ids != vf.IMAGE_TOKEN, -1).topk(36, dim=-1).indices.sort(dim=-1).values.tolist()
+    with tr.apply(model, tr.PDropConfig(layers=(2,), ratios=(0.25,))) as handle:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        assert handle.stats()["kept"] == {2: expected}
+
+
+def test_pdrop_defaults_and_budget_solver():
+    facts = {"num_layers": 32, "reducible_tokens": 576}
+    method = PDrop(tr.PDropConfig(), facts)
+    assert method.cuts(576) == [(8, 288), (16, 144), (24, 72)]  # lambda = 0.5 at [8, 16, 24]: 270 layer-averaged tokens
+    solved = PDrop(tr.PDropConfig(keep=270), facts)
+    assert solved.retention == pytest.approx([0.5, 0.25, 0.125], abs=1e-6)
+    assert PDrop(tr.PDropConfig(ratio=0.0), facts).cuts(576) == [(8, 576), (16, 576), (24, 576)]
+    with pytest.raises(tr.ConfigError, match=r"out of reach with cuts at \[8, 16, 24\] of 32 layers \(at least 0.250"):
+        PDrop(tr.PDropConfig(keep=100), facts)
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: tr.PDropConfig(layers=(2, 1)), r"layers=\(2, 1\) must be strictly increasing"),
+    (lambda: tr.PDropConfig(layers=(1, 1)), r"layers=\(1, 1\) must be strictly increasing"),
+    (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.25, 0.5)), r"ratios=\(0.25, 0.5\) must not increase"),
+    (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.5,)), r"one retention per layer"),
+    (lambda: tr.PDropConfig(layers=(1,), ratios=(1.5,)), r"ratios\[0\]=1.5 is invalid"),
+    (lambda: tr.PDropConfig(lam=1.5), r"lam=1.5 is invalid"),
+    (lambda: tr.PDropConfig(layers=(1,), ratios=(0.5,), keep=10), r"give ratios or a budget"),
+    (lambda: tr.DARTConfig(image_pivots=0, text_pivots=0), r"at least one pivot"),
+    (lambda: tr.DARTConfig(layer=0), r"layer=0 is invalid"),
+])
+def test_bad_schedules_are_refused(config, message):
+    with pytest.raises(tr.ConfigError, match=message):
+        config()
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: tr.PDropConfig(), r"layers\[0\]=8 is out of range; this model's decoder has layers 0..3"),
+    (lambda: tr.PDropConfig(layers=(1, 4)), r"layers\[1\]=4 is out of range"),
+    (lambda: tr.DARTConfig(layer=4), r"layer=4 is out of range"),
+])
+def test_cut_layers_beyond_the_decoder_leave_the_model_untouched(model, prompts, reference, config, message):
+    with pytest.raises(tr.ConfigError, match=message):
+        tr.apply(model, config())
+    untouched(model, prompts, reference)
+
+
+def test_dart_defaults_and_exact_budget():
+    config = tr.DARTConfig()
+    assert (config.layer, config.image_pivots, config.text_pivots) == (2, 4, 4)
+    assert DART(config, {"num_layers": 32, "reducible_tokens": 576}).cuts(576) == [(2, 128)]  # reduction_ratio 0.778
+
+
+def test_dart_keeps_the_image_pivots_read_from_the_kv_cache(model, prompts):
+    """The 4 image tokens with the largest L1 key norm at layer K-1 (keys from an unreduced run's cache, as the reference reads them)."""
+    ids, mask = vf.batch(prompts)
+    pixels = vf.pixels(3, seed=6)
+    with torch.no_grad():
+        keys = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True).past_key_values.layers[1].keys
+    norms = keys.transpose(1, 2).flatten(2).abs().sum(dim=-1).masked_fill(ids != vf.IMAGE_TOKEN, -1)
+    pivots = norms.topk(4, dim=-1).indices
+    with tr.apply(model, tr.DARTConfig(layer=2, keep=30)) as handle:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept = handle.stats()["kept"][2]
+    assert all(len(row) == 30 and set(p.tolist()) <= set(row) for row, p in zip(kept, pivots))
+
+
+def test_least_duplicated_takes_turns_and_skips_taken_tokens():
+    pivots = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    candidates = torch.tensor([[[1.0, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7], [1.0, -1.0]]])
+    # pivot 0 (x axis) takes the two least x-like: 2 (-x) then 1 (y); pivot 1 (y axis) then takes 4 (-y), not 2 again
+    assert least_duplicated(pivots, candidates, torch.tensor([[2, 1]])).tolist() == [[1, 2, 4]]
+    assert least_duplicated(pivots, candidates, torch.tensor([[0, 1]])).tolist() == [[4]]
+
+
+def test_query_rows_attention_masks_before_softmax_and_expands_kv_heads():
+    query = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [1, 2 heads, 1 row, 2]
+    key = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])  # one KV head for both query heads
+    valid = torch.tensor([[[True, True, False]]])
+    got = query_rows_attention(query, key, 1.0, valid)
+    e = torch.e
+    head0 = torch.tensor([e, 1.0, 0.0]) / (e + 1)
+    head1 = torch.tensor([1.0, e, 0.0]) / (e + 1)
+    torch.testing.assert_close(got[0, 0], (head0 + head1) / 2)

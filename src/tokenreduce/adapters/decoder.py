@@ -26,6 +26,9 @@ on the decoder layers rewrite their inputs:
   columns, decode columns) and a mask is rebuilt for the first layer of every
   stage from that layer's cache length (convention 0.5.6). Each layer runs once
   per forward; nothing is re-run to obtain scores.
+* The decoder's output covers the survivors only, so a prefill's logits are
+  shorter than the prompt (as in FastV's inplace mode); ``stats()`` reports the
+  sequence length at every layer.
 
 Scores. The LLM's attention implementation is switched to ``tokenreduce_sdpa``
 (registered in transformers' ``AttentionInterface`` and, with the SDPA mask
@@ -33,7 +36,11 @@ builder, in ``AttentionMaskInterface``): it calls the registered ``sdpa`` functi
 unchanged and, at the layers a method observes during a prefill, hands the
 method the last real token's query row and the layer's keys (after RoPE), from
 which it keeps only what it needs (a [B, N] row, key norms). The full attention
-map is never formed. ``remove()`` restores the implementation name.
+map is never formed. A method that scores a cut with the cut layer's *own*
+attention (PyramidDrop) cannot wait for that layer to run; it gets probe P2
+instead: the layer's input norm, q/k projections and RoPE applied to the hidden
+states entering it, for the last token's row only (:func:`_row_probe`).
+``remove()`` restores the implementation name and every hook.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..methods.inllm import CutSite, DecoderMethod
 from ..ops.merge import gather_tokens, last_true, output_index, true_indices
 from .base import Undo
@@ -192,6 +200,7 @@ class DecoderRun:
         self.visual_per_layer, self.sequence_per_layer = [], [length] * len(self.layers)
         if not has_image:
             return
+        _check_cache(cache)
         counts = visual.sum(dim=1)
         if bool((counts != counts[0]).any()):
             raise ValueError(
@@ -341,6 +350,17 @@ def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embed
     return query, key, visible_keys(attention_mask, rows, n, n), attention.scaling
 
 
+def _check_cache(cache: Any) -> None:
+    """Cut layers hold shorter caches than the layers before them: only a cache that grows per layer can follow."""
+    from transformers.cache_utils import DynamicCache
+
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"tokenreduce: in-LLM reduction needs a DynamicCache (per-layer lengths), got {type(cache).__name__}; "
+            "use generate()'s default cache or pass use_cache=False"
+        )
+
+
 def _cache_bytes(cache: Any) -> int | None:
     """Bytes held by a cache's keys and values over all layers (None without a cache)."""
     if cache is None:
@@ -350,14 +370,18 @@ def _cache_bytes(cache: Any) -> int | None:
 
 def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo], DecoderRun]:
     """Install ``method`` on a Llama-family decoder model; return the undo actions and the run state."""
+    config = decoder.config
+    if config._attn_implementation != "sdpa":
+        raise UnsupportedModelError(
+            f"in-LLM reduction keeps the language model on SDPA and adds its probe to it, but this one runs "
+            f"{config._attn_implementation!r}; load the model with attn_implementation='sdpa'"
+        )
     _register_probe_attention()
     layers = list(decoder.layers)
     run = DecoderRun(method=method, decoder=decoder, layers=layers)
     undo: list[Undo] = []
-    config = decoder.config
-    previous = config._attn_implementation
     config._attn_implementation = PROBE_ATTENTION
-    undo.append(lambda: setattr(config, "_attn_implementation", previous))
+    undo.append(lambda: setattr(config, "_attn_implementation", "sdpa"))
     for layer in method.observe_layers():
         attention = layers[layer].self_attn
         _OBSERVERS[attention] = run.observer(layer)
