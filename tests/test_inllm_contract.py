@@ -329,6 +329,7 @@ def test_pdrop_defaults_and_budget_solver():
     facts = {"num_layers": 32, "reducible_tokens": 576}
     method = PDrop(tr.PDropConfig(), facts)
     assert method.cuts(576) == [(8, 288), (16, 144), (24, 72)]  # lambda = 0.5 at [8, 16, 24]: 270 layer-averaged tokens
+    assert PDrop(tr.PDropConfig(), {"num_layers": 4, "reducible_tokens": 144}).cuts(144) == [(1, 72), (2, 36), (3, 18)]
     solved = PDrop(tr.PDropConfig(keep=270), facts)
     assert solved.retention == pytest.approx([0.5, 0.25, 0.125], abs=1e-6)
     assert PDrop(tr.PDropConfig(ratio=0.0), facts).cuts(576) == [(8, 576), (16, 576), (24, 576)]
@@ -340,7 +341,8 @@ def test_pdrop_defaults_and_budget_solver():
     (lambda: tr.PDropConfig(layers=(2, 1)), r"layers=\(2, 1\) must be strictly increasing"),
     (lambda: tr.PDropConfig(layers=(1, 1)), r"layers=\(1, 1\) must be strictly increasing"),
     (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.25, 0.5)), r"ratios=\(0.25, 0.5\) must not increase"),
-    (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.5,)), r"one retention per layer"),
+    (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.5,)), r"one retention per cut \(2 cuts\)"),
+    (lambda: tr.PDropConfig(ratios=(0.5, 0.25)), r"one retention per cut \(3 cuts\)"),
     (lambda: tr.PDropConfig(layers=(1,), ratios=(1.5,)), r"ratios\[0\]=1.5 is invalid"),
     (lambda: tr.PDropConfig(lam=1.5), r"lam=1.5 is invalid"),
     (lambda: tr.PDropConfig(layers=(1,), ratios=(0.5,), keep=10), r"give ratios or a budget"),
@@ -353,7 +355,7 @@ def test_bad_schedules_are_refused(config, message):
 
 
 @pytest.mark.parametrize("config, message", [
-    (lambda: tr.PDropConfig(), r"layers\[0\]=8 is out of range; this model's decoder has layers 0..3"),
+    (lambda: tr.PDropConfig(layers=(8, 16, 24)), r"layers\[0\]=8 is out of range; this model's decoder has layers 0..3"),
     (lambda: tr.PDropConfig(layers=(1, 4)), r"layers\[1\]=4 is out of range"),
     (lambda: tr.DARTConfig(layer=4), r"layer=4 is out of range"),
 ])

@@ -6,8 +6,10 @@ boundary layer K the score is the attention of the last instruction token to
 the visual tokens computed with *layer K's own* input norm, q/k projections and
 RoPE on the hidden states entering K (probe P2; softmax over the whole causal
 row, mean over heads), top-k, order kept. Defaults are the official code's:
-``layers=(8, 16, 24)``, lambda = 0.5 (576 -> 288 / 144 / 72, about 270
-layer-averaged tokens). Survivors keep their original positions (the reference
+``layer_list = [8, 16, 24]`` of LLaVA-1.5-7B's 32 layers, lambda = 0.5 (576 ->
+288 / 144 / 72, about 270 layer-averaged tokens). Without ``layers`` the stages
+are the quarter points of the decoder, round(L * s / 4) for s = 1, 2, 3, which
+is exactly [8, 16, 24] at L = 32 and keeps the 4-stage pyramid on other depths. Survivors keep their original positions (the reference
 re-indexes them; convention 0.5.5).
 
 Budgets: ``ratios`` gives the retention of each stage explicitly (non-increasing);
@@ -29,16 +31,20 @@ from ...ops.scoring import query_rows_attention
 from ...registry import register_method
 from ..inllm import CutSite, DecoderMethod, top_visual
 
-DEFAULT_LAYERS = (8, 16, 24)
+STAGES = 4
 DEFAULT_LAMBDA = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
 class PDropConfig(BudgetConfig):
-    """Cut at ``layers`` keeping lam**s of the visual tokens in stage s, or explicit ``ratios``, or a layer-averaged budget."""
+    """Cut at ``layers`` (default: the decoder's quarter points) keeping lam**s of the visual tokens in stage s.
+
+    Or give explicit per-stage ``ratios`` (retention, non-increasing), or a budget:
+    ``keep`` = layer-averaged visual tokens, ``ratio`` = layer-averaged fraction removed.
+    """
 
     method = "pdrop"
-    layers: tuple[int, ...] = DEFAULT_LAYERS
+    layers: tuple[int, ...] | None = None
     lam: float = DEFAULT_LAMBDA
     ratios: tuple[float, ...] | None = None
 
@@ -50,8 +56,9 @@ class PDropConfig(BudgetConfig):
             return
         if self.keep is not None or self.ratio is not None:
             raise ConfigError("PDropConfig: give ratios or a budget (keep / ratio), not both")
-        if not isinstance(self.ratios, tuple) or len(self.ratios) != len(self.layers):
-            raise ConfigError(f"PDropConfig: ratios={self.ratios!r} must be a tuple with one retention per layer in layers={self.layers}")
+        stages = STAGES - 1 if self.layers is None else len(self.layers)
+        if not isinstance(self.ratios, tuple) or len(self.ratios) != stages:
+            raise ConfigError(f"PDropConfig: ratios={self.ratios!r} must be a tuple with one retention per cut ({stages} cuts)")
         for index, value in enumerate(self.ratios):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"PDropConfig: ratios[{index}]={value!r} is invalid; a retention is a number in [0, 1]")
@@ -64,11 +71,20 @@ class PDrop(DecoderMethod):
     description = "PyramidDrop: keep lambda^s of the visual tokens in stage s, ranked by the last token's attention (in-LLM)"
 
     @cached_property
+    def layers(self) -> tuple[int, ...]:
+        """The cut layers: the config's, or the quarter points of this decoder."""
+        if self.config.layers is not None:
+            return self.config.layers
+        return tuple(round(self.num_layers * s / STAGES) for s in range(1, STAGES))
+
+    @cached_property
     def retention(self) -> list[float]:
         """Fraction of the visual tokens each stage keeps (validated and solved once, at apply)."""
         config = self.config
-        for index, layer in enumerate(config.layers):
+        for index, layer in enumerate(self.layers):
             self.check_cut_layer(layer, f"layers[{index}]")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"PDropConfig: this {self.num_layers}-layer decoder is too shallow for {STAGES} stages; give layers=(...)")
         if config.ratios is not None:
             return list(config.ratios)
         lam = config.lam
@@ -77,11 +93,11 @@ class PDrop(DecoderMethod):
             if config.keep is not None and config.keep > visual:
                 raise ConfigError(f"PDropConfig: keep={config.keep} is larger than the {visual} reducible tokens of this input")
             target = config.keep / visual if config.keep is not None else 1.0 - config.ratio
-            lam = pyramid_ratio(target, config.layers, self.num_layers)
-        return [lam ** (s + 1) for s in range(len(config.layers))]
+            lam = pyramid_ratio(target, self.layers, self.num_layers)
+        return [lam ** (s + 1) for s in range(len(self.layers))]
 
     def cuts(self, visual: int) -> list[tuple[int, int]]:
-        return [(layer, int(round(visual * r))) for layer, r in zip(self.config.layers, self.retention)]
+        return [(layer, int(round(visual * r))) for layer, r in zip(self.layers, self.retention)]
 
     def select(self, site: CutSite) -> torch.Tensor:
         query_rows, key, valid, scale = site.row_probe()
