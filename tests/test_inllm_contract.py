@@ -15,6 +15,7 @@ from transformers.modeling_utils import AttentionInterface
 
 import tokenreduce as tr
 from tokenreduce import registry
+from tokenreduce.adapters import decoder
 from tokenreduce.methods.dart import DART
 from tokenreduce.methods.pdrop import PDrop
 from tokenreduce.ops.matching import least_duplicated
@@ -98,9 +99,8 @@ def test_active_reports_stats_and_remove_restores(model, prompts, reference, cas
     assert stats["kv_cache_bytes"] == sum(2 * 3 * 2 * n * 8 * 4 for n in lengths)  # K and V, B=3, 2 KV heads, d=8, fp32
     assert out.logits.shape[1] == stats["sequence_per_layer"][-1] and torch.isfinite(out.logits).all()
     assert not torch.equal(tokens, reference[1]) or not torch.equal(out.logits[:, -1], reference[0][:, -1])
-    assert model.config.text_config._attn_implementation == "sdpa"
-    after = run(model, prompts, vf.pixels(3))
-    assert torch.equal(after[0], reference[0]) and torch.equal(after[1], reference[1])
+    untouched(model, prompts, reference)
+    assert torch.equal(run(model, prompts, vf.pixels(3))[1], reference[1])
 
 
 def masked_oracle(model, ids, mask, pixels, kept: dict[int, list[list[int]]]) -> torch.Tensor:
@@ -167,17 +167,19 @@ def test_cached_generate_equals_recomputation_with_the_same_kept_set(model, prom
 @pytest.mark.parametrize("case", list(CASES))
 def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
     pixels = vf.pixels(3, seed=4)
+    width = max(map(len, prompts))
     with tr.apply(model, CASES[case][1]) as handle:
         batch_logits, batch_tokens = run(model, prompts, pixels, side=side)
         batch_kept = handle.stats()["kept"]
         removed = vf.IMAGE_TOKENS - CASES[case][2][-1]
         for i, prompt in enumerate(prompts):
             logits, tokens = run(model, [prompt], pixels[i : i + 1])
+            offset = width - len(prompt) if side == "left" else 0
+            assert {layer: [[c - offset for c in rows[i]]] for layer, rows in batch_kept.items()} == handle.stats()["kept"]
             if side == "left":  # generation with right padding is wrong for any decoder-only model
                 assert torch.equal(tokens[0], batch_tokens[i])
             last = -1 if side == "left" else len(prompt) - removed - 1
             torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
-    assert batch_kept  # decisions were made per sample, in the batch
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -243,8 +245,11 @@ def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
 
 
 def untouched(model, prompts, reference):
+    language = model.model.language_model
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+    assert not any(layer._forward_pre_hooks for layer in language.layers)
+    assert not (language._forward_pre_hooks or language._forward_hooks or model.model._forward_pre_hooks)
+    assert not any(layer.self_attn in decoder._OBSERVERS for layer in language.layers)
     assert torch.equal(run(model, prompts, vf.pixels(3))[0], reference[0])
 
 
