@@ -90,6 +90,7 @@ def test_active_reports_stats_and_remove_restores(model, prompts, reference, cas
             out = model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), use_cache=True)
         stats = handle.stats()
         _, tokens = run(model, prompts, vf.pixels(3))
+        after_generate = handle.stats()["kv_cache_bytes"]
     per_layer = CASES[case][2]
     assert stats["visual_tokens_per_layer"] == per_layer
     assert stats["sequence_per_layer"] == [ids.shape[1] - vf.IMAGE_TOKENS + v for v in per_layer]
@@ -97,6 +98,7 @@ def test_active_reports_stats_and_remove_restores(model, prompts, reference, cas
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths == stats["sequence_per_layer"]
     assert stats["kv_cache_bytes"] == sum(2 * 3 * 2 * n * 8 * 4 for n in lengths)  # K and V, B=3, 2 KV heads, d=8, fp32
+    assert after_generate == sum(2 * 3 * 2 * (n + 3) * 8 * 4 for n in lengths)  # + 3 decode steps in every layer
     assert out.logits.shape[1] == stats["sequence_per_layer"][-1] and torch.isfinite(out.logits).all()
     assert not torch.equal(tokens, reference[1]) or not torch.equal(out.logits[:, -1], reference[0][:, -1])
     untouched(model, prompts, reference)

@@ -148,7 +148,7 @@ class DecoderRun:
     visual_per_layer: list[int] = field(default_factory=list)
     sequence_per_layer: list[int] = field(default_factory=list)
     kept: dict[int, list[list[int]]] = field(default_factory=dict)
-    cache: Any = None
+    kv_cache_bytes: int | None = None  # held by the cache after the last forward (None without a cache)
 
     def expect_visual(self, visual: torch.Tensor | None) -> None:
         """The adapter's report for the next decoder forward: [B, N] bool visual tokens (None: unknown, no cut)."""
@@ -164,7 +164,7 @@ class DecoderRun:
             "visual_tokens_per_layer": list(visual),
             "sequence_per_layer": list(self.sequence_per_layer),
             "equivalent_tokens": sum(visual) / layers,
-            "kv_cache_bytes": _cache_bytes(self.cache() if self.cache is not None else None),
+            "kv_cache_bytes": self.kv_cache_bytes,
             "kept": {layer: [list(row) for row in rows] for layer, rows in self.kept.items()},
             "prefills": self.prefills,
         }
@@ -194,7 +194,7 @@ class DecoderRun:
                 raise ValueError("tokenreduce: an image in a prompt that continues an existing KV cache is not supported")
             return
         self.prefills += 1
-        self.prefill, self.kept, self.cache = None, {}, None
+        self.prefill, self.kept, self.kv_cache_bytes = None, {}, None
         batch = visual.shape[0] if visual is not None else 1
         self.images, self.visual_in = 0, 0
         self.visual_per_layer, self.sequence_per_layer = [], [length] * len(self.layers)
@@ -317,7 +317,7 @@ class DecoderRun:
         """Decoder forward hook: remember a cut prefill's stages so later decode steps on its cache follow them."""
         run, self.current = self.current, None
         cache = getattr(output, "past_key_values", None)
-        self.cache = weakref.ref(cache) if cache is not None else None
+        self.kv_cache_bytes = _cache_bytes(cache)
         if cache is not None and run is not None and run.cut:
             self.prefill = Prefill(weakref.ref(cache), run.length, run.stages)
 
