@@ -97,7 +97,8 @@ class PDrop(DecoderMethod):
         return [lam ** (s + 1) for s in range(len(self.layers))]
 
     def cuts(self, visual: int) -> list[tuple[int, int]]:
-        return [(layer, int(round(visual * r))) for layer, r in zip(self.layers, self.retention)]
+        # the code floors, int(N * ratio); the slack keeps a bisection-solved lambda from flooring one token short
+        return [(layer, int(visual * r + 1e-6)) for layer, r in zip(self.layers, self.retention)]
 
     def select(self, site: CutSite) -> torch.Tensor:
         query_rows, key, valid, scale = site.row_probe()
