@@ -14,7 +14,7 @@ from .diffusion import (
     DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig, ToCaConfig, ToMeDiTConfig,
 )
 from .methods import (
-    CDPrunerConfig, DivPruneConfig, EViTConfig, FasterVLMConfig, FiCoCoVConfig, GlobalCom2Config, PoolingConfig, PruMergeConfig, PruMergePlusConfig,
+    CDPrunerConfig, DARTConfig, DivPruneConfig, EViTConfig, FastVConfig, FasterVLMConfig, FiCoCoVConfig, GlobalCom2Config, PDropConfig, PoolingConfig, PruMergeConfig, PruMergePlusConfig,
     RandomConfig, ToMeConfig, UniformConfig, VisionZipConfig, VisPrunerConfig,
 )
 from .registry import register_adapter, register_method
@@ -27,4 +27,5 @@ __all__ = [
     "AlreadyAppliedError", "CDPrunerConfig", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "Handle",
     "PoolingConfig", "PruMergeConfig", "PruMergePlusConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
+    "DARTConfig", "FastVConfig", "PDropConfig",
 ]

@@ -9,7 +9,10 @@ Three sites (METHODS.md sec. 0.3):
   with that block's q and k for [CLS]-attention scores (FasterVLM, VisionZip, the
   baselines);
 * ``projector_output`` (H3): one reduction of the projected visual embeddings
-  (DivPrune, CDPruner).
+  (DivPrune, CDPruner);
+* ``llm`` (H4/H5): cuts inside the language model (FastV, PyramidDrop, DART), run
+  by the decoder machinery of :mod:`.decoder`; this adapter only reports each
+  prompt's visual tokens (``input_ids == image_token_id``).
 
 Whatever the site, the image features end up shorter than the placeholder runs the
 processor expanded. :class:`PlaceholderShrinker` wraps ``LlavaModel.forward``: at
@@ -45,6 +48,7 @@ from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, reduce_module_output, replace_forward
 from ..registry import register_adapter
 from .base import Adapter, Undo
+from .decoder import DecoderRun, attach_decoder
 from .vit import VitTowerAdapter
 
 _LLAVA = "transformers.models.llava.modeling_llava"
@@ -313,6 +317,12 @@ def _runs_per_sample(per_sample: list[int], expected: list[int]) -> list[list[in
     return runs if image == len(expected) else None
 
 
+def _image_tokens(args: tuple, kwargs: dict[str, Any], image_token_id: int) -> torch.Tensor | None:
+    """[B, N] bool image placeholders of a ``LlavaModel`` call (None when it gets no ``input_ids``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return None if ids is None else ids == image_token_id
+
+
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
     cache = kwargs.get("past_key_values")
     return cache is None or cache.get_seq_length() == 0
@@ -322,7 +332,7 @@ def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
 class LlavaAdapter(Adapter):
     """Visual-token reduction for LLaVA-1.5-style models (one vision tower, one projector, one LLM)."""
 
-    sites = frozenset({"vit", "vit_output", "projector_output"})
+    sites = frozenset({"vit", "vit_output", "projector_output", "llm"})
     provides = frozenset({"prompt_text"})  # ImageEncoder shares each image's prompt embeddings (Site.text)
 
     def __init__(self, model: nn.Module) -> None:
@@ -352,9 +362,16 @@ class LlavaAdapter(Adapter):
         facts = dict(self.tower.describe(), default_layer=self.feature_block)
         if self.site == "projector_output":
             facts.update(num_layers=1, default_layer=0, protected_tokens=0 if self.drop_cls else self.tower.protected)
+        if self.site == "llm":
+            facts.update(num_layers=len(self.inner.language_model.layers), reducible_tokens=self.placeholders())
         return facts
 
-    def attach(self, method: Any) -> tuple[list[Undo], VlmRun]:
+    def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:
+        if self.site == "llm":
+            undo, decoder = attach_decoder(self.inner.language_model, method)
+            report = self.inner.register_forward_pre_hook(lambda _m, args, kwargs: decoder.expect_visual(
+                _image_tokens(args, kwargs, self.image_token_id)), with_kwargs=True)
+            return [*undo, report.remove], decoder
         undo, vision = self.attach_vision(method)
         run = VlmRun(vision=vision)
         placeholders = self.placeholders()

@@ -11,8 +11,12 @@ from .vispruner import VisPrunerConfig
 from .globalcom2 import GlobalCom2Config
 from .prumerge import PruMergeConfig, PruMergePlusConfig
 from .cdpruner import CDPrunerConfig
+from .fastv import FastVConfig
+from .pdrop import PDropConfig
+from .dart import DARTConfig
 
 __all__ = [
     "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",
     "ToMeConfig", "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
+    "DARTConfig", "FastVConfig", "PDropConfig",
 ]

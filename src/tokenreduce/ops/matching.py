@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge import TokenPlan, complement, gather_tokens, output_index
+from .merge import TokenPlan, complement, gather_tokens, output_index, true_indices
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> TokenPlan:
@@ -186,3 +186,24 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
         residual = residual - column.square()
         residual[rows, pick] = -torch.inf
     return chosen.sort(dim=-1).values
+
+
+def least_duplicated(pivots: torch.Tensor, candidates: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """DART's duplication-based selection (arXiv 2502.11494, sec. 3.2; official ``get_retained_image_token``).
+
+    pivots: [B, P, C]; candidates: [B, M, C]; picks: [B, P] long, how many candidates
+    pivot p takes in sample b (0 for a pivot a sample lacks); every row of ``picks``
+    must have the same sum T. Pivots take turns in order; each takes the candidates
+    *least* cosine-similar to it among those not taken yet, so the kept tokens are the
+    ones the pivots duplicate least. Returns [B, T] ascending indices into the M candidates.
+    """
+    unit_c = candidates.float() / candidates.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    unit_p = pivots.float() / pivots.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    similarity = unit_p @ unit_c.transpose(-1, -2)  # [B, P, M]
+    taken = torch.zeros(candidates.shape[:2], dtype=torch.bool, device=candidates.device)
+    most = int(picks.max()) if picks.numel() else 0
+    for p in range(pivots.shape[1]):
+        order = similarity[:, p].masked_fill(taken, torch.inf).argsort(dim=-1, stable=True)[:, :most]
+        wanted = torch.arange(order.shape[1], device=order.device) < picks[:, p : p + 1]
+        taken.scatter_(1, order, wanted | taken.gather(1, order))
+    return true_indices(taken, int(picks[0].sum()))

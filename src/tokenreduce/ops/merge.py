@@ -141,3 +141,16 @@ def apply_plan(plan: TokenPlan, x: torch.Tensor, sizes: torch.Tensor | None = No
 def size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Proportional attention (ToMe sec. 3, eq. 1): log(size) added to every query's logits, [B, 1, 1, N]."""
     return sizes.log().to(dtype)[:, None, None, :]
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count] ascending indices of the True entries of a [B, N] bool mask with ``count`` True per row.
+
+    A stable sort instead of ``nonzero``, like :func:`complement`: rectangular and no host sync.
+    """
+    return mask.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :count].sort(dim=1).values
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last True entry of each row of a [B, N] mask (rows need at least one True)."""
+    return mask.shape[1] - 1 - mask.flip(1).to(torch.long).argmax(dim=1)

@@ -155,3 +155,16 @@ def text_relevance(visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Te
     spread = high - low
     scaled = (raw - low) / spread.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where((count > 0) & (spread > 0), scaled, torch.ones_like(raw))
+
+
+def query_rows_attention(query_rows: torch.Tensor, key: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """Probe P2: softmax attention of chosen query rows over a decoder layer's keys, head mean: [B, R, N].
+
+    query_rows: [B, H, R, d] (after RoPE); key: [B, H_kv, N, d] (after RoPE; grouped-query
+    heads are expanded as ``repeat_kv`` does); valid: [B, R, N] bool, the keys each row may
+    see (causal + padding). The softmax runs over the whole visible row before any
+    restriction to visual columns, as an eager attention map would (METHODS.md sec. C).
+    """
+    key = key.float().repeat_interleave(query_rows.shape[1] // key.shape[1], dim=1)
+    logits = (query_rows.float() @ key.transpose(-1, -2)) * scale  # [B, H, R, N]
+    return logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1).mean(dim=1)

@@ -1,0 +1,59 @@
+"""FastV (arXiv 2403.06764, sec. 4; METHODS.md C1).
+
+After the first K layers, visual tokens get little attention: score each visual
+token by the attention the last prompt token pays it at layer K-1 (softmax over
+the whole causal row, mean over heads), keep the top ones, in order, for layers
+>= K. Defaults are the paper's headline setting, K = 2 and R = 50 % of the
+visual tokens dropped. With a KV cache the cut happens once, at prefill; decode
+steps attend the same kept set (the README's cached variant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...budget import tokens_to_remove
+from ...config import BudgetConfig
+from ...errors import ConfigError
+from ...ops.scoring import query_rows_attention
+from ...registry import register_method
+from ..inllm import CutSite, DecoderMethod, top_visual
+
+DEFAULT_LAYER = 2
+DEFAULT_RATIO = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastVConfig(BudgetConfig):
+    """Cut at decoder layer ``layer`` (K) keeping ``keep`` visual tokens, or dropping ``ratio`` (R) of them; default K=2, R=0.5."""
+
+    method = "fastv"
+    layer: int = DEFAULT_LAYER
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ConfigError(f"FastVConfig: layer={self.layer!r} is invalid; the cut layer K is an int >= 1 (scores come from layer K-1)")
+
+
+@register_method(FastVConfig)
+class FastV(DecoderMethod):
+    description = "FastV: drop the visual tokens the last token attends least at layer K-1 (in-LLM)"
+
+    def cuts(self, visual: int) -> list[tuple[int, int]]:
+        config = self.config
+        ratio = DEFAULT_RATIO if config.keep is None and config.ratio is None else config.ratio
+        layer = self.check_cut_layer(config.layer, "layer")
+        return [(layer, visual - tokens_to_remove(visual, config.keep, ratio, "FastVConfig"))]
+
+    def observe_layers(self) -> frozenset[int]:
+        return frozenset({self.config.layer - 1})
+
+    def observe(self, layer: int, query_rows: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float) -> Any:
+        return query_rows_attention(query_rows, key, scale, valid)[:, 0]
+
+    def select(self, site: CutSite) -> torch.Tensor:
+        return top_visual(site.observed[site.layer - 1], site.visual, site.keep)

@@ -1,0 +1,90 @@
+"""What an in-LLM method is (hooks H4/H5, METHODS.md sec. C): cuts of the visual tokens at decoder layers.
+
+An in-LLM method states *where* it cuts and *how many* visual tokens survive each
+cut (:meth:`DecoderMethod.cuts`, solved from the user's budget), *what* it must see
+of an earlier layer's attention (:meth:`DecoderMethod.observe`, fed by the
+attention-function probe) and *which* visual tokens it keeps at a cut
+(:meth:`DecoderMethod.select`). Slicing hidden states, positions, masks and the
+KV cache is the decoder machinery's job (``adapters/decoder.py``); methods never
+see a module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .base import Method
+
+RowProbe = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+
+
+@dataclass(frozen=True)
+class CutSite:
+    """Everything a method may read at one cut (the input of decoder layer ``layer``, one prefill).
+
+    hidden: [B, N, C] hidden states entering the layer; columns: [B, N] original
+    sequence index of each current token (convention 0.5.2); visual: [B, N] bool, the
+    visual tokens still present; text: [B, N] bool, real (unpadded) non-visual
+    tokens; query: [B] index of each sample's last real token (the last
+    instruction token); keep: visual tokens to keep per sample; observed: what
+    :meth:`DecoderMethod.observe` returned in this prefill, by layer; final_norm: the decoder's final norm; row_probe(): the last token's
+    query row and all keys of *this* layer (its input norm, q/k projections and
+    RoPE, P2), with the keys that row may see: (q [B, H, 1, d], k [B, H_kv, N, d],
+    valid [B, 1, N], scale).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    columns: torch.Tensor
+    visual: torch.Tensor
+    text: torch.Tensor
+    query: torch.Tensor
+    keep: int
+    observed: dict[int, Any]
+    final_norm: Callable[[torch.Tensor], torch.Tensor]
+    row_probe: RowProbe
+
+
+class DecoderMethod(Method):
+    """Base of in-LLM methods: prefill-time cuts of visual tokens, decode steps follow the pruned cache."""
+
+    sites: ClassVar[frozenset[str]] = frozenset({"llm"})
+
+    def __init__(self, config: Any, facts: dict[str, Any]) -> None:
+        super().__init__(config, facts)
+        self.cuts(facts["reducible_tokens"])
+
+    def cuts(self, visual: int) -> list[tuple[int, int]]:
+        """(layer, visual tokens kept from that layer on) for a prompt with ``visual`` visual tokens per sample."""
+        raise NotImplementedError
+
+    def observe_layers(self) -> frozenset[int]:
+        """Layers whose attention call must report to :meth:`observe` during a prefill."""
+        return frozenset()
+
+    def observe(self, layer: int, query_rows: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float) -> Any:
+        """Keep what :meth:`select` needs from layer ``layer``'s attention (the last token's row q [B, H, 1, d], keys)."""
+        raise NotImplementedError
+
+    def select(self, site: CutSite) -> torch.Tensor:
+        """[B, site.keep] indices (into the current sequence) of the visual tokens that survive the cut."""
+        raise NotImplementedError
+
+    def check_cut_layer(self, layer: int, field: str) -> int:
+        """A cut needs a layer before it (the scores come from layer K-1 or K's input) and must exist."""
+        if not 1 <= layer < self.num_layers:
+            raise ConfigError(
+                f"{type(self.config).__name__}: {field}={layer} is out of range; this model's decoder has layers "
+                f"0..{self.num_layers - 1} and a cut needs 1 <= {field} <= {self.num_layers - 1}"
+            )
+        return layer
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` highest-scoring visual tokens per sample: scores [B, N], visual [B, N] bool -> [B, keep] ascending."""
+    return scores.float().masked_fill(~visual, -torch.inf).topk(keep, dim=-1).indices.sort(dim=-1).values

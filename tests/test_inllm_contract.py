@@ -1,0 +1,413 @@
+"""The contract of in-LLM reduction (hooks H4/H5) on a LLaVA fixture with a 4-layer Llama decoder and 144 image tokens.
+
+Each case: (zero-strength config, active config, visual tokens per decoder layer when active).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import vlm_fixtures as vf
+from transformers import LlavaForConditionalGeneration
+from transformers.modeling_utils import AttentionInterface
+
+import tokenreduce as tr
+from tokenreduce import registry
+from tokenreduce.adapters import decoder
+from tokenreduce.methods.dart import DART
+from tokenreduce.methods.pdrop import PDrop
+from tokenreduce.ops.matching import least_duplicated
+from tokenreduce.ops.scoring import query_rows_attention
+
+LAYERS = 4
+CASES = {
+    "fastv": (tr.FastVConfig(ratio=0.0), tr.FastVConfig(layer=2, keep=40), [144, 144, 40, 40]),
+    "pdrop": (tr.PDropConfig(layers=(1, 2, 3), lam=1.0), tr.PDropConfig(layers=(1, 2, 3), lam=0.5), [144, 72, 36, 18]),
+    "dart": (tr.DARTConfig(ratio=0.0), tr.DARTConfig(layer=2, keep=30), [144, 144, 30, 30]),
+}
+TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
+
+
+def deep_llava() -> LlavaForConditionalGeneration:
+    """The LLaVA fixture with a 4-layer language model, so that cuts have layers before and after them."""
+    config = copy.deepcopy(vf.llava().config)
+    config.text_config.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return deep_llava()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [vf.prompt(before, after) for before, after in TEXTS]
+
+
+def run(model, prompts, pixels, side="left", **generate):
+    """Logits of one forward and 4 greedy tokens; positions skip left padding, as ``generate`` does.
+
+    (DART's pivots use the L1 norm of keys after RoPE, which depends on absolute
+    positions, so a padded sample only matches its unpadded run with these positions.)
+    """
+    ids, mask = vf.batch(prompts, side)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+                                suppress_tokens=[vf.IMAGE_TOKEN], **generate)
+    return logits, tokens[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    return run(model, prompts, vf.pixels(3))
+
+
+def test_every_in_llm_method_has_a_case():
+    in_llm = {m for m in tr.supported(vf.llava()) if registry.method_for_class(registry.config_class(m)).sites == {"llm"}}
+    assert {zero.method for zero, _, _ in CASES.values()} == in_llm
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_strength_is_bit_exact(model, prompts, reference, case):
+    with tr.apply(model, CASES[case][0]) as handle:
+        logits, tokens = run(model, prompts, vf.pixels(3))
+        stats = handle.stats()
+    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
+    assert stats["visual_tokens_per_layer"] == [vf.IMAGE_TOKENS] * LAYERS and stats["kept"] == {}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_active_reports_stats_and_remove_restores(model, prompts, reference, case):
+    ids, mask = vf.batch(prompts)
+    with tr.apply(model, CASES[case][1]) as handle:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), use_cache=True)
+        stats = handle.stats()
+        _, tokens = run(model, prompts, vf.pixels(3))
+        after_generate = handle.stats()["kv_cache_bytes"]
+    per_layer = CASES[case][2]
+    assert stats["visual_tokens_per_layer"] == per_layer
+    assert stats["sequence_per_layer"] == [ids.shape[1] - vf.IMAGE_TOKENS + v for v in per_layer]
+    assert stats["equivalent_tokens"] == sum(per_layer) / LAYERS
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths == stats["sequence_per_layer"]
+    assert stats["kv_cache_bytes"] == sum(2 * 3 * 2 * n * 8 * 4 for n in lengths)  # K and V, B=3, 2 KV heads, d=8, fp32
+    assert after_generate == sum(2 * 3 * 2 * (n + 3) * 8 * 4 for n in lengths)  # + 3 decode steps in every layer
+    assert out.logits.shape[1] == stats["sequence_per_layer"][-1] and torch.isfinite(out.logits).all()
+    assert not torch.equal(tokens, reference[1]) or not torch.equal(out.logits[:, -1], reference[0][:, -1])
+    untouched(model, prompts, reference)
+    assert torch.equal(run(model, prompts, vf.pixels(3))[1], reference[1])
+
+
+def masked_oracle(model, ids, mask, pixels, kept: dict[int, list[list[int]]]) -> torch.Tensor:
+    """Last-token logits of FastV's "mask" variant (METHODS.md C1, step 5), built from the model's own modules.
+
+    The sequence keeps its full length and original positions; from each cut layer on,
+    attention to the dropped visual columns is masked. For the kept tokens this is
+    what real dropping must compute.
+    """
+    inner, language = model.model, model.model.language_model
+    with torch.no_grad():
+        embeds = language.embed_tokens(ids)
+        features = torch.cat(inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
+        embeds[ids == vf.IMAGE_TOKEN] = features.to(embeds.dtype)
+        batch, length = ids.shape
+        positions = torch.arange(length).expand(batch, length)
+        rope = language.rotary_emb(embeds, position_ids=positions)
+        allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool)  # padding rows see themselves (no empty softmax rows)
+        hidden = embeds
+        for index, layer in enumerate(language.layers):
+            for cut, columns in kept.items():
+                if index == cut:
+                    dropped = (ids == vf.IMAGE_TOKEN).clone()
+                    for b, row in enumerate(columns):
+                        dropped[b, row] = False
+                    allowed &= ~dropped[:, None, :]
+                    allowed |= torch.eye(length, dtype=torch.bool)
+            hidden = layer(hidden, attention_mask=allowed[:, None], position_embeddings=rope, position_ids=positions)
+        return model.lm_head(language.norm(hidden))[:, -1]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dropping_equals_masking_at_original_positions(model, prompts, case):
+    ids, mask = vf.batch(prompts)
+    pixels = vf.pixels(3, seed=3)
+    with tr.apply(model, CASES[case][1]) as handle:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
+        kept = handle.stats()["kept"]
+    torch.testing.assert_close(logits, masked_oracle(model, ids, mask, pixels, kept), rtol=1e-4, atol=1e-5)
+
+
+def pin_selection(handle, kept: dict[int, list[list[int]]]) -> None:
+    """Make the method keep the given original visual columns at each cut, whatever the scores."""
+
+    def select(site):
+        wanted = torch.tensor(kept[site.layer])
+        return torch.stack([(site.columns[b][:, None] == wanted[b][None]).any(1).nonzero()[:, 0] for b in range(len(wanted))])
+
+    handle.method.select = select
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_generate_equals_recomputation_with_the_same_kept_set(model, prompts, case):
+    with tr.apply(model, CASES[case][1]) as handle:
+        _, cached = run(model, prompts, vf.pixels(3))
+        pin_selection(handle, handle.stats()["kept"])
+        _, recomputed = run(model, prompts, vf.pixels(3), use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
+    pixels = vf.pixels(3, seed=4)
+    width = max(map(len, prompts))
+    with tr.apply(model, CASES[case][1]) as handle:
+        batch_logits, batch_tokens = run(model, prompts, pixels, side=side)
+        batch_kept = handle.stats()["kept"]
+        removed = vf.IMAGE_TOKENS - CASES[case][2][-1]
+        for i, prompt in enumerate(prompts):
+            logits, tokens = run(model, [prompt], pixels[i : i + 1])
+            offset = width - len(prompt) if side == "left" else 0
+            assert {layer: [[c - offset for c in rows[i]]] for layer, rows in batch_kept.items()} == handle.stats()["kept"]
+            if side == "left":  # generation with right padding is wrong for any decoder-only model
+                assert torch.equal(tokens[0], batch_tokens[i])
+            last = -1 if side == "left" else len(prompt) - removed - 1
+            torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_layer_runs_once_and_attention_stays_sdpa(model, prompts, case, monkeypatch):
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    calls: list[int] = []
+    language = model.model.language_model
+
+    def counting_sdpa(module, *args, **kwargs):
+        if module in {layer.self_attn for layer in language.layers}:
+            calls.append(module.layer_idx)
+        return sdpa(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counting_sdpa)
+    layer_calls = [0] * LAYERS
+    hooks = [layer.register_forward_hook(lambda *_, i=i: layer_calls.__setitem__(i, layer_calls[i] + 1))
+             for i, layer in enumerate(language.layers)]
+    ids, mask = vf.batch(prompts)
+    try:
+        with tr.apply(model, CASES[case][1]):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
+                assert layer_calls == [1] * LAYERS and calls == list(range(LAYERS))
+                model.generate(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), max_new_tokens=4, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert layer_calls == [5] * LAYERS  # one prefill + 3 decode steps, each layer once per forward
+    assert calls == list(range(LAYERS)) * 5
+
+
+def test_fastv_keeps_the_top_of_the_eager_attention_row_of_layer_k_minus_1(model, prompts):
+    """Independent check: the eager model's attention of the last token at layer K-1, head mean, top-k over image columns."""
+    keep, layer = 40, 2
+    ids, mask = vf.batch(prompts)  # left padding: the last column is every sample's last token
+    pixels = vf.pixels(3, seed=2)
+    row = eager_last_row(model, ids, mask, pixels, layer - 1)
+    expected = row.masked_fill(ids != vf.IMAGE_TOKEN, -1).topk(keep, dim=-1).indices.sort(dim=-1).values.tolist()
+    with tr.apply(model, tr.FastVConfig(layer=layer, keep=keep)) as handle:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept = handle.stats()["kept"]
+    assert kept == {layer: expected}
+
+
+def test_fastv_defaults_are_the_papers():
+    config = tr.FastVConfig()
+    assert config.layer == 2 and config.keep is None and config.ratio is None
+    with tr.apply(deep_llava(), config) as handle:
+        assert handle.method.cuts(576) == [(2, 288)]
+
+
+def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
+    ids, mask = vf.batch([[vf.BOS, 7, 8, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    with tr.apply(model, tr.FastVConfig(keep=16)) as handle:
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask).logits
+        stats = handle.stats()
+    assert torch.equal(got, expected)
+    assert stats["images"] == 0 and "no image" in stats["note"]
+
+
+def untouched(model, prompts, reference):
+    language = model.model.language_model
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert not any(layer._forward_pre_hooks for layer in language.layers)
+    assert not (language._forward_pre_hooks or language._forward_hooks or model.model._forward_pre_hooks)
+    assert not any(layer.self_attn in decoder._OBSERVERS for layer in language.layers)
+    assert torch.equal(run(model, prompts, vf.pixels(3))[0], reference[0])
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: tr.FastVConfig(layer=LAYERS), r"layer=4 is out of range; this model's decoder has layers 0..3"),
+    (lambda: tr.FastVConfig(layer=9, keep=8), r"layer=9 is out of range"),
+    (lambda: tr.FastVConfig(keep=200), r"keep=200 is larger than the 144 reducible tokens"),
+])
+def test_bad_config_leaves_the_model_untouched(model, prompts, reference, config, message):
+    with pytest.raises(tr.ConfigError, match=message):
+        tr.apply(model, config())
+    untouched(model, prompts, reference)
+
+
+def test_layer_zero_is_refused_before_apply():
+    with pytest.raises(tr.ConfigError, match=r"layer=0 is invalid"):
+        tr.FastVConfig(layer=0)
+
+
+def test_a_language_model_off_sdpa_is_refused_untouched(model):
+    eager = copy.deepcopy(model)
+    eager.config.text_config._attn_implementation = "eager"
+    with pytest.raises(tr.UnsupportedModelError, match=r"runs 'eager'; load the model with attn_implementation='sdpa'"):
+        tr.apply(eager, tr.FastVConfig())
+    assert eager.config.text_config._attn_implementation == "eager" and tr.remove(eager) == 0
+
+
+def test_static_cache_is_refused(model, prompts, reference):
+    from transformers import StaticCache
+
+    ids, mask = vf.batch(prompts)
+    with tr.apply(model, tr.FastVConfig(keep=16)):
+        with pytest.raises(ValueError, match=r"needs a DynamicCache \(per-layer lengths\), got StaticCache"):
+            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3),
+                  past_key_values=StaticCache(config=model.config.text_config, max_cache_len=256))
+    untouched(model, prompts, reference)
+
+
+def test_unequal_visual_counts_raise_and_leave_the_model_working(model, prompts, reference):
+    ids, mask = vf.batch([vf.prompt([7], [8]), [vf.BOS, 7, 8, 9]])
+    with tr.apply(model, tr.FastVConfig(keep=16)):
+        with pytest.raises(ValueError, match=r"same number of visual tokens in every sample, got \[144, 0\]"):
+            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(1))
+    untouched(model, prompts, reference)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16(model, prompts, case):
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    reference = run(bf16, prompts, vf.pixels(3).to(torch.bfloat16))
+    with tr.apply(bf16, CASES[case][0]):
+        zero = run(bf16, prompts, vf.pixels(3).to(torch.bfloat16))
+    with tr.apply(bf16, CASES[case][1]) as handle:
+        logits, _ = run(bf16, prompts, vf.pixels(3).to(torch.bfloat16))
+        assert handle.stats()["visual_tokens_per_layer"] == CASES[case][2]
+    assert torch.equal(zero[0], reference[0]) and torch.equal(zero[1], reference[1])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def eager_last_row(model, ids, mask, pixels, layer: int) -> torch.Tensor:
+    """Head-mean attention row of the last token at ``layer`` of the unreduced model, with eager attention: [B, N]."""
+    eager = copy.deepcopy(model)
+    eager.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions
+    return attentions[layer][:, :, -1].mean(dim=1)
+
+
+def test_pdrop_first_stage_keeps_the_top_of_the_eager_attention_row_of_its_own_layer(model, prompts):
+    """PDrop scores the boundary with layer K's own weights on the hidden states entering K (METHODS.md C2, step 2)."""
+    ids, mask = vf.batch(prompts)
+    pixels = vf.pixels(3, seed=5)
+    row = eager_last_row(model, ids, mask, pixels, layer=2)
+    expected = row.masked_fill(ids != vf.IMAGE_TOKEN, -1).topk(36, dim=-1).indices.sort(dim=-1).values.tolist()
+    with tr.apply(model, tr.PDropConfig(layers=(2,), ratios=(0.25,))) as handle:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        assert handle.stats()["kept"] == {2: expected}
+
+
+def test_pdrop_defaults_and_budget_solver():
+    facts = {"num_layers": 32, "reducible_tokens": 576}
+    method = PDrop(tr.PDropConfig(), facts)
+    assert method.cuts(576) == [(8, 288), (16, 144), (24, 72)]  # lambda = 0.5 at [8, 16, 24]: 270 layer-averaged tokens
+    assert PDrop(tr.PDropConfig(), {"num_layers": 4, "reducible_tokens": 144}).cuts(144) == [(1, 72), (2, 36), (3, 18)]
+    solved = PDrop(tr.PDropConfig(keep=270), facts)
+    assert solved.retention == pytest.approx([0.5, 0.25, 0.125], abs=1e-6)
+    assert solved.cuts(576) == [(8, 288), (16, 144), (24, 72)]
+    assert PDrop(tr.PDropConfig(ratio=0.0), facts).cuts(576) == [(8, 576), (16, 576), (24, 576)]
+    with pytest.raises(tr.ConfigError, match=r"out of reach with cuts at \[8, 16, 24\] of 32 layers \(at least 0.250"):
+        PDrop(tr.PDropConfig(keep=100), facts)
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: tr.PDropConfig(layers=(2, 1)), r"layers=\(2, 1\) must be strictly increasing"),
+    (lambda: tr.PDropConfig(layers=(1, 1)), r"layers=\(1, 1\) must be strictly increasing"),
+    (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.25, 0.5)), r"ratios=\(0.25, 0.5\) must not increase"),
+    (lambda: tr.PDropConfig(layers=(1, 2), ratios=(0.5,)), r"one retention per cut \(2 cuts\)"),
+    (lambda: tr.PDropConfig(ratios=(0.5, 0.25)), r"one retention per cut \(3 cuts\)"),
+    (lambda: tr.PDropConfig(layers=(1,), ratios=(1.5,)), r"ratios\[0\]=1.5 is invalid"),
+    (lambda: tr.PDropConfig(lam=1.5), r"lam=1.5 is invalid"),
+    (lambda: tr.PDropConfig(layers=(1,), ratios=(0.5,), keep=10), r"give ratios or a budget"),
+    (lambda: tr.DARTConfig(image_pivots=0, text_pivots=0), r"at least one pivot"),
+    (lambda: tr.DARTConfig(layer=0), r"layer=0 is invalid"),
+])
+def test_bad_schedules_are_refused(config, message):
+    with pytest.raises(tr.ConfigError, match=message):
+        config()
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: tr.PDropConfig(layers=(8, 16, 24)), r"layers\[0\]=8 is out of range; this model's decoder has layers 0..3"),
+    (lambda: tr.PDropConfig(layers=(1, 4)), r"layers\[1\]=4 is out of range"),
+    (lambda: tr.DARTConfig(layer=4), r"layer=4 is out of range"),
+])
+def test_cut_layers_beyond_the_decoder_leave_the_model_untouched(model, prompts, reference, config, message):
+    with pytest.raises(tr.ConfigError, match=message):
+        tr.apply(model, config())
+    untouched(model, prompts, reference)
+
+
+def test_dart_defaults_and_exact_budget():
+    config = tr.DARTConfig()
+    assert (config.layer, config.image_pivots, config.text_pivots) == (2, 4, 4)
+    assert DART(config, {"num_layers": 32, "reducible_tokens": 576}).cuts(576) == [(2, 128)]  # reduction_ratio 0.778
+
+
+def test_dart_keeps_the_image_pivots_read_from_the_kv_cache(model, prompts):
+    """The 4 image tokens with the largest L1 key norm at layer K-1 (keys from an unreduced run's cache, as the reference reads them)."""
+    ids, mask = vf.batch(prompts)
+    pixels = vf.pixels(3, seed=6)
+    with torch.no_grad():
+        keys = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True).past_key_values.layers[1].keys
+    norms = keys.transpose(1, 2).flatten(2).abs().sum(dim=-1).masked_fill(ids != vf.IMAGE_TOKEN, -1)
+    pivots = norms.topk(4, dim=-1).indices
+    with tr.apply(model, tr.DARTConfig(layer=2, keep=30)) as handle:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept = handle.stats()["kept"][2]
+    assert all(len(row) == 30 and set(p.tolist()) <= set(row) for row, p in zip(kept, pivots))
+
+
+def test_least_duplicated_takes_turns_and_skips_taken_tokens():
+    pivots = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    candidates = torch.tensor([[[1.0, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7], [1.0, -1.0]]])
+    # pivot 0 (x axis) takes the two least x-like: 2 (-x) then 1 (y); pivot 1 (y axis) then takes 4 (-y), not 2 again
+    assert least_duplicated(pivots, candidates, torch.tensor([[2, 1]])).tolist() == [[1, 2, 4]]
+    assert least_duplicated(pivots, candidates, torch.tensor([[0, 1]])).tolist() == [[4]]
+
+
+def test_query_rows_attention_masks_before_softmax_and_expands_kv_heads():
+    query = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [1, 2 heads, 1 row, 2]
+    key = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])  # one KV head for both query heads
+    valid = torch.tensor([[[True, True, False]]])
+    got = query_rows_attention(query, key, 1.0, valid)
+    e = torch.e
+    head0 = torch.tensor([e, 1.0, 0.0]) / (e + 1)
+    head1 = torch.tensor([1.0, e, 0.0]) / (e + 1)
+    torch.testing.assert_close(got[0, 0], (head0 + head1) / 2)
