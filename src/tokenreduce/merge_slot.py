@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .ops.merge import TokenPlan, apply_plan, size_bias
+from .ops.scoring import importance
 
 OVERHEAD_LABEL = "tokenreduce.reduce"  # profiler range around scoring + merging, for overhead measurements
 
@@ -29,9 +30,10 @@ class QKCapture:
 
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # [B, N] importance an adapter computed itself (see Site.scores)
 
     def clear(self) -> None:
-        self.q = self.k = None
+        self.q = self.k = self.scores = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,13 @@ class Site:
     grid: tuple[int, int]  # original patch grid (rows, cols)
     layer: int
     remove: int  # net tokens this step must remove
+    # [B, N] importance supplied by the adapter where the site's tokens have no q/k of their own:
+    # Qwen2-VL's merged tokens get the attention their 2x2 patches receive (METHODS.md B1 pitfalls).
+    scores: torch.Tensor | None = None
+
+    def importance(self) -> torch.Tensor:
+        """Token importance [B, N]: the adapter's ``scores`` if given, else [CLS] attention or attention received from q/k."""
+        return self.scores if self.scores is not None else importance(self.q, self.k, self.scale, self.has_cls)
 
 
 @dataclass
@@ -143,7 +152,7 @@ class TowerRun:
     def _reduce(self, layer: int, remove: int, x: torch.Tensor, capture: QKCapture, scale: float) -> torch.Tensor:
         site = Site(
             x=x, q=capture.q, k=capture.k, scale=scale, positions=self.positions, sizes=self.sizes,
-            protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
+            protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove, scores=capture.scores,
         )
         return self._apply(self.method.plan(site), x)
 
@@ -201,16 +210,16 @@ def reduce_module_output(module: nn.Module, layer: int, capture: QKCapture, scal
     return module.register_forward_hook(hook, prepend=True).remove
 
 
-def replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
-    """Shadow ``module.forward`` with an instance attribute; the returned action restores the original exactly."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = forward
+def replace_forward(module: nn.Module, forward: Callable[..., Any], name: str = "forward") -> Callable[[], None]:
+    """Shadow ``module.forward`` (or another method ``name``) with an instance attribute; the returned action restores the original exactly."""
+    had_own = name in module.__dict__
+    previous = module.__dict__.get(name)
+    setattr(module, name, forward)
 
     def restore() -> None:
         if had_own:
-            module.forward = previous
+            setattr(module, name, previous)
         else:
-            del module.forward
+            delattr(module, name)
 
     return restore

@@ -1,3 +1,3 @@
 """Model adapters. Importing this package registers them."""
 
-from . import llava, vit  # noqa: F401
+from . import llava, qwen_vl, vit  # noqa: F401

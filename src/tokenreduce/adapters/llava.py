@@ -106,13 +106,7 @@ class PlaceholderShrinker:
         kwargs.update(kwargs.pop("kwargs", {}))
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         if kwargs.get("pixel_values") is not None and encoded.get("image") is None:
-            encoded["image"] = self.inner.get_image_features(
-                pixel_values=kwargs["pixel_values"],
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                image_sizes=kwargs.get("image_sizes"),
-                return_dict=True,
-            )
+            encoded["image"] = self._image_features(kwargs)
             kwargs["pixel_values"], kwargs["mm_encoder_outputs"] = None, encoded
         if encoded.get("image") is not None:
             self._shorten_prefill(kwargs, [f.shape[0] for f in encoded["image"].pooler_output])
@@ -122,6 +116,16 @@ class PlaceholderShrinker:
             self.run.prefills += 1
             self.run.images, self.run.prefill = 0, None
         return self.original(**kwargs)
+
+    def _image_features(self, kwargs: dict[str, Any]) -> Any:
+        """The model's own image encoding of ``pixel_values`` (reduced by the hooks the adapter installed)."""
+        return self.inner.get_image_features(
+            pixel_values=kwargs["pixel_values"],
+            vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+            image_sizes=kwargs.get("image_sizes"),
+            return_dict=True,
+        )
 
     def _shorten_prefill(self, kwargs: dict[str, Any], kept: list[int]) -> None:
         ids = kwargs.get("input_ids")

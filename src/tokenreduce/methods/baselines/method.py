@@ -63,8 +63,8 @@ class PoolingConfig(SingleLayerConfig):
 class SingleLayer(SingleStep):
     """Shared by the baselines: one reduction on the intact patch grid, in a ViT block or at a VLM's feature layer."""
 
-    sites = frozenset({"vit", "vit_output"})
-    site_order = ("vit_output", "vit")
+    sites = frozenset({"vit", "vit_output", "merger_output"})
+    site_order = ("vit_output", "merger_output", "vit")
 
     @staticmethod
     def kept_patches(site: Site) -> int:
