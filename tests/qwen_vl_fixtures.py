@@ -19,7 +19,7 @@ PAD, BOS, VISION_START, VISION_END, IMAGE_TOKEN, VIDEO_TOKEN = 0, 1, 2, 3, 5, 6
 PATCH, TEMPORAL, MERGE = 4, 2, 2
 SQUARE, WIDE = (24, 24), (24, 32)  # patch grids: 12 x 12 = 144 and 12 x 16 = 192 merged tokens
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=4,
+            num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
 TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
               vision_end_token_id=VISION_END)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,13 @@ class MRopeShrinker(PlaceholderShrinker):
 
     run: QwenVlRun
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().__call__(*args, **kwargs)
+        prefill = self.run.prefill
+        if prefill is not None and prefill.cache is None and getattr(out, "past_key_values", None) is not None:
+            prefill.cache = weakref.ref(out.past_key_values)  # the model made the cache: follow decode steps on it too
+        return out
+
     def _image_features(self, kwargs: dict[str, Any]) -> Any:
         return self.inner.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
 
@@ -172,7 +180,8 @@ class MRopeShrinker(PlaceholderShrinker):
             return
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = self._full_positions(kwargs)
-        keep = ~is_image
+        mask = kwargs.get("attention_mask")
+        keep = ~is_image if mask is None else ~is_image & (mask > 0)  # padding is rebuilt for the shortened batch
         for b, images in enumerate(runs):
             slots = is_image[b].nonzero()[:, 0].split([placeholders[i] for i in images])
             for image, image_slots in zip(images, slots):
