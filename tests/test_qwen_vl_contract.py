@@ -278,3 +278,16 @@ def test_missing_mm_token_type_ids_is_a_clear_error(model):
     with tr.apply(model, tr.FasterVLMConfig(keep=KEEP)):
         with pytest.raises(ValueError, match="mm_token_type_ids"):
             model(**inputs)
+
+
+def test_bf16(model):
+    inputs = {**qf.batch(prompts()), **qf.images(GRIDS)}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    try:
+        with tr.apply(model, tr.VisPrunerConfig(keep=KEEP)) as handle, torch.no_grad():
+            logits = model(**inputs).logits
+            assert handle.stats()["visual_tokens_out"] == [KEEP] * len(GRIDS)
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    finally:
+        model.to(torch.float32)

@@ -16,6 +16,13 @@ its patches in window order inside the tower; the probe uses a block listed in
 model's own window index. q and k are the block's own (qkv output, the model's
 vision RoPE applied); the block itself keeps running SDPA.
 
+Methods. FasterVLM and VisPruner rank by the score above, METHODS.md's stand-in for
+[CLS] attention on [CLS]-free encoders (B1); DivPrune and the random / uniform /
+pooling baselines need no attention (P0) and see the merged grid. Refused with
+:class:`UnsupportedModelError` (no ``merger_output`` site): VisionZip (its contextual
+tokens are merged by the feature layer's per-token keys, which merged tokens lack)
+and the in-tower methods ToMe / EViT / FiCoCo-V (they act before the merger).
+
 Sequence. :class:`MRopeShrinker` reuses LLaVA's :class:`PlaceholderShrinker` and
 differs where Qwen differs: placeholder runs have one length per image (from
 ``image_grid_thw``); a kept token keeps the placeholder column of its original
@@ -89,6 +96,10 @@ class QwenVlRun(VlmRun):
         super().reset()
         self.slots = []
 
+    def surviving_patches(self) -> None:
+        """No single [B, P] grid: images differ in size. ``slots`` holds each image's kept merged-token indices."""
+        return None
+
 
 class MergeGroupProbe:
     """Attention received by each merged token: P4 at one full-attention block, mean over each merge group.
@@ -105,13 +116,18 @@ class MergeGroupProbe:
         self.unit = visual.spatial_merge_size**2
         self.qkv: torch.Tensor | None = None
         self.call: dict[str, Any] = {}
+        self.armed = False  # record image encodings only (videos pass the same block)
 
     def install(self) -> list[Undo]:
+        """Hook the probe block; returns the undo actions."""
+
         def keep_qkv(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-            self.qkv = output
+            if self.armed:
+                self.qkv = output
 
         def keep_call(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
-            self.call = kwargs
+            if self.armed:
+                self.call = kwargs
 
         return [
             self.attn.qkv.register_forward_hook(keep_qkv).remove,
@@ -222,6 +238,8 @@ class MRopeShrinker(PlaceholderShrinker):
         original length when there is no mask.
         """
         prefill = self.run.prefill
+        if self.inner.rope_deltas is None:
+            raise ValueError("tokenreduce: the prompt was run with explicit position_ids; pass position_ids at each decode step too")
         new = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None:
@@ -304,7 +322,11 @@ class QwenVLAdapter(Adapter):
         def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any) -> Any:
             if image_grid_thw is None:
                 raise ValueError("tokenreduce: Qwen-VL image features need image_grid_thw (the processor returns it)")
-            out = original(pixel_values, image_grid_thw, **{**kwargs, "return_dict": True})
+            probe.armed = True
+            try:
+                out = original(pixel_values, image_grid_thw, **{**kwargs, "return_dict": True})
+            finally:
+                probe.armed = False
             scores = probe.scores(image_grid_thw)
             reduced = [self._reduce(tokens, score, (t * h // merge, w // merge), run.vision)
                        for tokens, score, (t, h, w) in zip(out.pooler_output, scores, image_grid_thw.tolist())]
