@@ -30,7 +30,7 @@ class QKCapture:
 
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
-    scores: torch.Tensor | None = None  # [B, N] importance an adapter computed itself (see Site.scores)
+    scores: Callable[[], torch.Tensor] | None = None  # an adapter's own importance probe (see Site.scores)
 
     def clear(self) -> None:
         self.q = self.k = self.scores = None
@@ -69,13 +69,14 @@ class Site:
     grid: tuple[int, int]  # original patch grid (rows, cols)
     layer: int
     remove: int  # net tokens this step must remove
-    # [B, N] importance supplied by the adapter where the site's tokens have no q/k of their own:
-    # Qwen2-VL's merged tokens get the attention their 2x2 patches receive (METHODS.md B1 pitfalls).
-    scores: torch.Tensor | None = None
+    # Importance probe [B, N] supplied by the adapter where the site's tokens have no q/k of their own
+    # (Qwen2-VL's merged tokens: the attention their 2x2 patches receive, METHODS.md B1 pitfalls);
+    # called only by methods that rank by importance, so the others do not pay for it.
+    scores: Callable[[], torch.Tensor] | None = None
 
     def importance(self) -> torch.Tensor:
-        """Token importance [B, N]: the adapter's ``scores`` if given, else [CLS] attention or attention received from q/k."""
-        return self.scores if self.scores is not None else importance(self.q, self.k, self.scale, self.has_cls)
+        """Token importance [B, N]: the adapter's ``scores`` probe if given, else [CLS] attention or attention received from q/k."""
+        return self.scores() if self.scores is not None else importance(self.q, self.k, self.scale, self.has_cls)
 
 
 @dataclass

@@ -36,9 +36,11 @@ continue the original sequence, or (without them) text position + the stock
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +136,13 @@ class MergeGroupProbe:
             self.attn.register_forward_pre_hook(keep_call, with_kwargs=True).remove,
         ]
 
-    def scores(self, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Per image [G] scores of its merged tokens in raster order (the order of the LLM's tokens)."""
+    def take(self, grid_thw: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+        """The recorded encoding's scores, computed on first call: per image [G] in raster order (the LLM's token order)."""
         qkv, call = self.qkv, self.call
         self.qkv, self.call = None, {}
+        return functools.cache(lambda: self._scores(qkv, call, grid_thw))
+
+    def _scores(self, qkv: torch.Tensor, call: dict[str, Any], grid_thw: torch.Tensor) -> list[torch.Tensor]:
         length = qkv.shape[0]
         q, k, _ = qkv.reshape(length, 3, self.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # VisionAttention's layout
         q, k = self.modeling.apply_rotary_pos_emb_vision(q, k, *call["position_embeddings"])
@@ -250,6 +255,11 @@ class MRopeShrinker(PlaceholderShrinker):
         return (text + self.inner.rope_deltas.to(text.device)).expand(3, -1, -1)
 
 
+def _image_scores(scores: Callable[[], list[torch.Tensor]], image: int) -> torch.Tensor:
+    """[1, G] scores of one image from the lazily computed scores of all images of an encoding."""
+    return scores()[image].unsqueeze(0)
+
+
 def _split_runs(per_sample: list[int], placeholders: list[int]) -> list[list[int]] | None:
     """Assign images, in order, to samples whose placeholder counts they fill exactly; None if they do not."""
     runs, image = [], 0
@@ -315,7 +325,14 @@ class QwenVLAdapter(Adapter):
         undo.append(replace_forward(self.inner, shrinker))
         return undo, run
 
-    def _reducing_encoder(self, probe: MergeGroupProbe, run: QwenVlRun) -> Any:
+    def _reducing_encoder(self, probe: MergeGroupProbe, run: QwenVlRun) -> Callable[..., Any]:
+        """The model's ``get_image_features`` followed by one reduction per image.
+
+        Shadowing this method (not the forward) reduces the images wherever they are
+        encoded: in the forward, and in ``generate``, which encodes them before the
+        prefill and drops ``image_grid_thw``; so each image's placeholder count and
+        kept slots are recorded here for the shrinker.
+        """
         original = self.inner.get_image_features
         merge = self.inner.visual.spatial_merge_size
 
@@ -327,17 +344,17 @@ class QwenVLAdapter(Adapter):
                 out = original(pixel_values, image_grid_thw, **{**kwargs, "return_dict": True})
             finally:
                 probe.armed = False
-            scores = probe.scores(image_grid_thw)
-            reduced = [self._reduce(tokens, score, (t * h // merge, w // merge), run.vision)
-                       for tokens, score, (t, h, w) in zip(out.pooler_output, scores, image_grid_thw.tolist())]
+            scores = probe.take(image_grid_thw)
+            reduced = [self._reduce(tokens, functools.partial(_image_scores, scores, i), (t * h // merge, w // merge), run.vision)
+                       for i, (tokens, (t, h, w)) in enumerate(zip(out.pooler_output, image_grid_thw.tolist()))]
+            run.placeholders_per_image = [tokens.shape[0] for tokens in out.pooler_output]
             out.pooler_output = tuple(x for x, _ in reduced)
             run.slots = [slots for _, slots in reduced]
-            run.placeholders_per_image = [tokens.shape[0] for tokens in scores]
             return out if kwargs.get("return_dict", True) else out.to_tuple()
 
         return get_image_features
 
-    def _reduce(self, tokens: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int], vision: TowerRun) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, tokens: torch.Tensor, scores: Callable[[], torch.Tensor], grid: tuple[int, int], vision: TowerRun) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's merged tokens [G, D] -> (kept tokens [K, D], their placeholder slots [K] ascending).
 
         A kept token's slot is its original merged index; tokens a method creates
@@ -346,7 +363,7 @@ class QwenVLAdapter(Adapter):
         self.grid = grid
         x = tokens.unsqueeze(0)
         vision.begin(x)
-        x = vision.reduce(0, x, QKCapture(scores=scores.unsqueeze(0)), 0.0)[0]
+        x = vision.reduce(0, x, QKCapture(scores=scores), 0.0)[0]
         slots = vision.positions[0].clone()
         created = slots < 0
         if bool(created.any()):
