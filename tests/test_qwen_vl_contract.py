@@ -11,6 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.vision_utils import get_vision_window_index
 
 import tokenreduce as tr
+from tokenreduce.ops.grid import factor_grid
 
 KEEP = 16
 CASES = {
@@ -96,14 +97,16 @@ def test_active_keeps_budget_per_image_and_remove_restores(model, case):
         assert torch.equal(model(**inputs).logits, expected)
 
 
-def kept_slots(full: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
-    """Placeholder slot of each reduced token: its row in the full features; tokens found nowhere take the first free slots."""
+def kept_slots(full: torch.Tensor, reduced: torch.Tensor, grid: tuple[int, int], case: str) -> torch.Tensor:
+    """Placeholder slot of each reduced token: its row in the full features; a pooling cell's top-left token."""
+    if case == "pooling":
+        rows, cols = grid[0] // qf.MERGE, grid[1] // qf.MERGE
+        cell_rows, cell_cols = factor_grid(reduced.shape[0], rows, cols)
+        starts = [torch.arange(m) * n // m for n, m in ((rows, cell_rows), (cols, cell_cols))]
+        return (starts[0][:, None] * cols + starts[1][None, :]).flatten()
     match = (reduced[:, None] == full[None]).all(-1)
-    slots = torch.where(match.any(1), match.float().argmax(1), -1)
-    free = torch.ones(full.shape[0], dtype=torch.bool)
-    free[slots[slots >= 0]] = False
-    slots[slots < 0] = free.nonzero()[: int((slots < 0).sum()), 0]
-    return slots
+    assert match.any(1).all()
+    return match.float().argmax(1)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -118,7 +121,7 @@ def test_generate_equals_stock_model_fed_pruned_embeddings_and_gathered_position
         with torch.no_grad():
             reduced = model.model.get_image_features(**pixels).pooler_output
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    slots = iter([kept_slots(f, r) for f, r in zip(full, reduced)])
+    slots = iter([kept_slots(f, r, g, case) for f, r, g in zip(full, reduced, GRIDS)])
     reduced = iter(reduced)
     short = []  # per sample: (kept columns, their embeddings)
     with torch.no_grad():
@@ -224,7 +227,7 @@ def test_scores_are_attention_received_at_the_last_full_attention_block_averaged
         full = model.model.get_image_features(**pixels).pooler_output
         with tr.apply(model, tr.FasterVLMConfig(keep=KEEP)):
             reduced = model.model.get_image_features(**pixels).pooler_output
-    assert all(torch.equal(kept_slots(f, r), e) for f, r, e in zip(full, reduced, expected))
+    assert all(torch.equal(kept_slots(f, r, g, "fastervlm"), e) for f, r, g, e in zip(full, reduced, GRIDS, expected))
 
 
 def test_window_order_is_undone_by_the_models_own_reversal():
