@@ -66,6 +66,19 @@ def test_zero_strength_is_bit_exact(model, reference, case):
     assert stats["visual_tokens_in"] == PLACEHOLDERS and stats["visual_tokens_out"] == PLACEHOLDERS
 
 
+def reduced_length() -> int:
+    """Width of the shortened batch: the longest sample once each image keeps KEEP tokens (padding is rebuilt)."""
+    return max(len(p) - sum(qf.merged_tokens(g) - KEEP for g in grids) for p, (*_, grids) in zip(prompts(), SAMPLES))
+
+
+def test_bare_model_class(model):
+    inputs = {**qf.batch(prompts()), **qf.images(GRIDS)}
+    with tr.apply(model.model, tr.DivPruneConfig(keep=KEEP)) as handle, torch.no_grad():
+        hidden = model.model(**inputs).last_hidden_state
+        assert handle.stats()["visual_tokens_out"] == [KEEP] * len(GRIDS)
+    assert hidden.shape[1] == reduced_length()
+
+
 class CountSdpa(TorchFunctionMode):
     """Counts calls of the fused attention kernel."""
 
@@ -88,9 +101,8 @@ def test_active_keeps_budget_per_image_and_remove_restores(model, case):
         logits = model(**inputs).logits
     stats = handle.stats()
     handle.remove()
-    lengths = [len(p) - sum(qf.merged_tokens(g) for g in grids) + KEEP * len(grids) for p, (*_, grids) in zip(prompts(), SAMPLES)]
     assert stats["visual_tokens_out"] == [KEEP] * len(GRIDS)
-    assert logits.shape[1] == max(lengths) and torch.isfinite(logits).all()
+    assert logits.shape[1] == reduced_length() and torch.isfinite(logits).all()
     assert reduced.calls == stock.calls > 0  # every vision block and decoder layer still runs the fused SDPA kernel
     assert model.config.vision_config._attn_implementation == "sdpa" and model.config.text_config._attn_implementation == "sdpa"
     with torch.no_grad():
