@@ -26,7 +26,8 @@ and the in-tower methods ToMe / EViT / FiCoCo-V (they act before the merger).
 Sequence. :class:`MRopeShrinker` reuses LLaVA's :class:`PlaceholderShrinker` and
 differs where Qwen differs: placeholder runs have one length per image (from
 ``image_grid_thw``); a kept token keeps the placeholder column of its original
-merged index, and the 3-row M-RoPE position ids are the stock model's ids for the full
+merged index (a pooling cell: its top-left token's; a created token without a
+location: the first free column), and the 3-row M-RoPE position ids are the stock model's ids for the full
 prompt (its own ``compute_3d_position_ids`` / generate's ids), gathered at the kept
 columns (DESIGN.md sec. 4.3). So kept tokens keep their (t, h, w) positions and text
 after the image keeps its positions; decode steps keep generate's position ids, which
