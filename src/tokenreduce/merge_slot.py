@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .ops.merge import TokenPlan, apply_plan, size_bias
+from .ops.scoring import importance
 
 OVERHEAD_LABEL = "tokenreduce.reduce"  # profiler range around scoring + merging, for overhead measurements
 
@@ -29,9 +30,10 @@ class QKCapture:
 
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
+    scores: Callable[[], torch.Tensor] | None = None  # an adapter's own importance probe (see Site.scores)
 
     def clear(self) -> None:
-        self.q = self.k = None
+        self.q = self.k = self.scores = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ class Site:
     remove: int  # net tokens this step must remove
     text: torch.Tensor | None = None  # [B, T, C'] input embeddings of each image's prompt (VLMs; None elsewhere)
     text_mask: torch.Tensor | None = None  # [B, T] bool, the text tokens of ``text`` (not images, not padding)
+    # Importance probe [B, N] supplied by the adapter where the site's tokens have no q/k of their own
+    # (Qwen2-VL's merged tokens: the attention their 2x2 patches receive, METHODS.md B1 pitfalls);
+    # called only by methods that rank by importance, so the others do not pay for it.
+    scores: Callable[[], torch.Tensor] | None = None
+
+    def importance(self) -> torch.Tensor:
+        """Token importance [B, N]: the adapter's ``scores`` probe if given, else [CLS] attention or attention received from q/k."""
+        return self.scores() if self.scores is not None else importance(self.q, self.k, self.scale, self.has_cls)
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,7 @@ class TowerRun:
     def _reduce(self, layer: int, remove: int, x: torch.Tensor, capture: QKCapture, scale: float) -> torch.Tensor:
         site = Site(
             x=x, q=capture.q, k=capture.k, scale=scale, positions=self.positions, sizes=self.sizes,
-            protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove,
+            protected=self.protected, has_cls=self.has_cls, grid=self.grid, layer=layer, remove=remove, scores=capture.scores,
             text=self.text, text_mask=self.text_mask,
         )
         return self._apply(self.method.plan(site), x)

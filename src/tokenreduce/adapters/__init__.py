@@ -1,3 +1,3 @@
 """Model adapters. Importing this package registers them."""
 
-from . import llava, llava_next, vit  # noqa: F401
+from . import llava, llava_next, qwen_vl, vit  # noqa: F401

@@ -205,13 +205,7 @@ class PlaceholderShrinker:
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         if kwargs.get("pixel_values") is not None and encoded.get("image") is None:
             with self.encoder.prompt_of(kwargs.get("input_ids"), kwargs.get("attention_mask")) if self.encoder else contextlib.nullcontext():
-                encoded["image"] = self.inner.get_image_features(
-                    pixel_values=kwargs["pixel_values"],
-                    vision_feature_layer=kwargs.get("vision_feature_layer"),
-                    vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                    image_sizes=kwargs.get("image_sizes"),
-                    return_dict=True,
-                )
+                encoded["image"] = self._image_features(kwargs)
             kwargs["pixel_values"], kwargs["mm_encoder_outputs"] = None, encoded
         if encoded.get("image") is not None:
             self._shorten_prefill(kwargs, list(encoded["image"].pooler_output))
@@ -221,6 +215,16 @@ class PlaceholderShrinker:
             self.run.prefills += 1
             self.run.images, self.run.prefill = 0, None
         return self.original(**kwargs)
+
+    def _image_features(self, kwargs: dict[str, Any]) -> Any:
+        """The model's own image encoding of ``pixel_values`` (reduced by the hooks the adapter installed)."""
+        return self.inner.get_image_features(
+            pixel_values=kwargs["pixel_values"],
+            vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+            image_sizes=kwargs.get("image_sizes"),
+            return_dict=True,
+        )
 
     def _shorten_prefill(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         ids = kwargs.get("input_ids")

@@ -60,7 +60,8 @@ class VitMethod(Method):
     def __init__(self, config: ReductionConfig, facts: dict[str, Any]) -> None:
         super().__init__(config, facts)
         self._schedules: dict[int, list[int]] = {}
-        self.schedule(facts["reducible_tokens"])
+        if facts["reducible_tokens"] is not None:  # None: the count depends on each input (dynamic-resolution images)
+            self.schedule(facts["reducible_tokens"])
 
     def schedule(self, reducible: int) -> list[int]:
         """Net tokens removed at each layer for an input with ``reducible`` tokens (cached per count)."""

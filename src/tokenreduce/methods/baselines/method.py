@@ -63,8 +63,8 @@ class PoolingConfig(SingleLayerConfig):
 class SingleLayer(SingleStep):
     """Shared by the baselines: one reduction on the intact patch grid, in a ViT block or at a VLM's feature layer."""
 
-    sites = frozenset({"vit", "vit_output"})
-    site_order = ("vit_output", "vit")
+    sites = frozenset({"vit", "vit_output", "merger_output"})
+    site_order = ("vit_output", "merger_output", "vit")
 
     @staticmethod
     def kept_patches(site: Site) -> int:
@@ -123,7 +123,12 @@ class Pooling(SingleLayer):
         batch, device = site.x.shape[0], site.x.device
         src = self.with_protected(site, torch.arange(rows * cols))[:, site.protected :]
         dst = (cells + site.protected).to(device).expand(batch, -1, -1)
+        # Each cell is labelled with its first (top-left) patch, so models whose LLM sees
+        # the tokens' 2-D positions (Qwen-VL's M-RoPE) place the cell where it lies.
+        member = weights > 0
+        patch = torch.arange(rows * cols).unsqueeze(1).expand_as(cells)
+        corner = torch.full((kept,), rows * cols).scatter_reduce(0, cells[member], patch[member], "amin")
         return TokenPlan(
             keep=keep, merge_src=src, merge_dst=dst, merge_weight=weights.to(device).expand(batch, -1, -1),
-            new_tokens=kept,
+            new_tokens=kept, new_positions=(corner + site.protected).to(device).expand(batch, -1),
         )

@@ -30,7 +30,7 @@ class DivPruneConfig(BudgetConfig):
 @register_method(DivPruneConfig)
 class DivPrune(SingleStep):
     description = "DivPrune: greedy max-min diverse subset of the projected visual tokens"
-    sites = frozenset({"projector_output"})
+    sites = frozenset({"projector_output", "merger_output"})
     default_ratio = 1.0 - DEFAULT_SUBSET_RATIO
 
     def plan(self, site: Site) -> TokenPlan:

@@ -13,7 +13,6 @@ from ...config import BudgetConfig, require_one
 from ...merge_slot import Site
 from ...ops.matching import keep_top
 from ...ops.merge import TokenPlan
-from ...ops.scoring import importance
 from ...registry import register_method
 from ..base import SingleStep
 
@@ -32,8 +31,8 @@ class FasterVLMConfig(BudgetConfig):
 @register_method(FasterVLMConfig)
 class FasterVLM(SingleStep):
     description = "FasterVLM: keep the top [CLS]-attention patches of the feature layer"
-    sites = frozenset({"vit_output"})
+    sites = frozenset({"vit_output", "merger_output"})
 
     def plan(self, site: Site) -> TokenPlan:
-        scores = importance(site.q, site.k, site.scale, site.has_cls)
+        scores = site.importance()
         return TokenPlan(keep=keep_top(scores, site.x.shape[1] - site.protected - site.remove, site.protected))

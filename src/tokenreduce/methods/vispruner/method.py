@@ -21,7 +21,6 @@ from ...errors import ConfigError
 from ...merge_slot import Site
 from ...ops.matching import deduplicate, keep_top
 from ...ops.merge import TokenPlan, complement, gather_tokens
-from ...ops.scoring import importance
 from ...registry import register_method
 from ..base import SingleStep
 
@@ -45,13 +44,13 @@ class VisPrunerConfig(BudgetConfig):
 @register_method(VisPrunerConfig)
 class VisPruner(SingleStep):
     description = "VisPruner: important tokens by [CLS] attention + diverse tokens by iterative de-duplication"
-    sites = frozenset({"vit_output"})
+    sites = frozenset({"vit_output", "merger_output"})
 
     def plan(self, site: Site) -> TokenPlan:
         n, p = site.x.shape[1], site.protected
         kept = n - p - site.remove
         important = int(kept * self.config.important_ratio)
-        chosen = keep_top(importance(site.q, site.k, site.scale, site.has_cls), important, p)
+        chosen = keep_top(site.importance(), important, p)
         rest = complement(chosen, n)  # ascending; the protected tokens are in ``chosen``
         diverse = torch.gather(rest, 1, deduplicate(gather_tokens(site.x, rest), kept - important, self.config.per_round))
         return TokenPlan(keep=torch.cat([chosen, diverse], dim=1).sort(dim=1).values)
