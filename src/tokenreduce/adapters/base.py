@@ -22,6 +22,9 @@ class Adapter:
     """Base adapter. ``sites`` names the kinds of reduction sites the model offers (e.g. ``"vit"``)."""
 
     sites: ClassVar[frozenset[str]] = frozenset()
+    position_modes: ClassVar[frozenset[str]] = frozenset({"original"})
+    """Values of a config's ``positions`` this model honours; only a model whose reduced tokens feed
+    position ids can re-index them, everywhere else "compact" would be silently meaningless."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -15,11 +15,23 @@ Whatever the site, the image features end up shorter than the placeholder runs t
 processor expanded. :class:`PlaceholderShrinker` wraps ``LlavaModel.forward``: at
 prefill it drops the surplus placeholder columns of each sample (per image, no
 hard-coded offsets: spans come from ``input_ids == image_token_id``) from
-``input_ids``, ``attention_mask`` and ``position_ids``; at each decode step that
-continues the same KV cache it drops the same columns from the attention mask and
-shifts the position ids, so ``generate()`` equals the stock model fed the pruned
-embeddings directly. Nothing of the model's own code is copied: image features
-come from its ``get_image_features`` and the LLM runs its own forward.
+``input_ids`` and ``attention_mask``; at each decode step that continues the same KV
+cache it drops the same columns from the attention mask. Nothing of the model's own
+code is copied: image features come from its ``get_image_features`` and the LLM runs
+its own forward.
+
+Positions (DESIGN.md sec. 4.3), chosen by the config's ``positions`` field:
+
+* ``"original"`` (default): every kept token keeps the RoPE position it had in the
+  full-length prompt (the given ``position_ids``, or the column index the stock
+  model uses when none are given) and decoding continues after the original
+  length. The LLM sees its visual tokens where it saw them in training; only the
+  removed ones are missing. ``generate()`` equals the stock model fed the pruned
+  embeddings together with the kept tokens' original position ids.
+* ``"compact"``: the shortened sequence is re-indexed 0..L'-1 (text after an image
+  moves back by the removed count) and decode positions move back by the same
+  count: what reference implementations get by building shorter ``inputs_embeds``.
+  ``generate()`` equals the stock model fed the pruned embeddings alone.
 """
 
 from __future__ import annotations
@@ -48,7 +60,12 @@ class PrefillShape:
     cache: Any  # weakref to the KV cache built by the shortened prefill
     length: int  # original prompt length
     columns: torch.Tensor  # [B, L'] original column of each kept column, -1 for added padding
-    shift: torch.Tensor  # [B] real tokens removed per sample (position ids move back by this)
+    shift: torch.Tensor  # [B] real tokens removed per sample (compact position ids move back by this)
+
+    @property
+    def removed_columns(self) -> int:
+        """How much shorter the cache is than the stock model's: the offset of its implicit positions."""
+        return self.length - self.columns.shape[1]
 
 
 @dataclass
@@ -63,6 +80,22 @@ class VlmRun:
     sequence_out: list[int] = field(default_factory=list)
     prefills: int = 0
     prefill: PrefillShape | None = None
+    first_feature: int = 0  # tower index of the first token the LLM receives (1 when [CLS] is dropped after the tower)
+
+    def feature_slots(self, kept: list[int]) -> list[torch.Tensor]:
+        """Per image, the placeholder slot (patch index in the LLM's image run) each received visual token came from.
+
+        The tower run labels every surviving token with its original index; a token made
+        anew (a pooled cell, a merged contextual token) has no single origin and keeps
+        the slot it occupies, as does every token when the labels do not describe these
+        features (features passed in precomputed).
+        """
+        occupied = [torch.arange(k) for k in kept]
+        labels = self.vision.positions if self.vision is not None else None
+        if labels is None or labels.shape != (len(kept), max(kept) + self.first_feature) or len(set(kept)) != 1:
+            return occupied
+        labels = labels[:, self.first_feature :] - self.first_feature
+        return [torch.where(row >= 0, row, own).cpu() for row, own in zip(labels, occupied)]
 
     def stats(self) -> dict[str, Any]:
         stats = {
@@ -92,8 +125,11 @@ class VlmRun:
 class PlaceholderShrinker:
     """The ``LlavaModel.forward`` wrapper that keeps placeholders, masks and positions consistent."""
 
-    def __init__(self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: int, run: VlmRun) -> None:
+    def __init__(
+        self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: int, run: VlmRun, positions: str = "original"
+    ) -> None:
         self.inner = inner
+        self.positions = positions  # "original" or "compact", see the module docstring
         self.placeholders = placeholders  # per image, as the processor expands <image>
         self.original = inner.forward
         self.signature = inspect.signature(self.original)
@@ -148,15 +184,24 @@ class PlaceholderShrinker:
         if any(k > placeholders for k in kept):
             raise ValueError(f"tokenreduce: an image produced {max(kept)} features for {placeholders} placeholders")
         keep = ~is_image
+        origin = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
+        slots = run.feature_slots(kept)
         image_index = 0
         for b in range(ids.shape[0]):
-            slots = is_image[b].nonzero()[:, 0].view(-1, placeholders)
-            for run_slots in slots:
-                keep[b, run_slots[: kept[image_index]]] = True
+            for run_slots in is_image[b].nonzero()[:, 0].view(-1, placeholders):
+                count = kept[image_index]
+                keep[b, run_slots[:count]] = True
+                origin[b, run_slots[:count]] = run_slots[slots[image_index]]
                 image_index += 1
-        self._gather(kwargs, keep, cache)
+        self._gather(kwargs, keep, origin, cache)
 
-    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, cache: Any) -> None:
+    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, origin: torch.Tensor, cache: Any) -> None:
+        """Keep the ``keep`` columns; ``origin`` is the column whose position each one takes in "original" mode.
+
+        Features fill the first placeholders of their run in the order the vision side
+        returns them (``masked_scatter``), so a kept column's own index is not where its
+        patch was: ``origin`` maps it back to the placeholder of that patch.
+        """
         ids = kwargs["input_ids"]
         batch, length = ids.shape
         mask = kwargs.get("attention_mask")
@@ -175,11 +220,15 @@ class PlaceholderShrinker:
         kwargs["input_ids"] = torch.where(filled, ids.gather(1, source), self.pad_token_id)
         new_mask = torch.where(filled, mask.gather(1, source), 0)
         shift = mask.sum(dim=1) - new_mask.sum(dim=1)
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = new_mask
-        if kwargs.get("position_ids") is not None:
-            removed_before = (~keep & (mask > 0)).cumsum(dim=1)
-            positions = kwargs["position_ids"] - removed_before
+        # Always explicit: added padding must be masked, and without a mask transformers reads
+        # the jumps in original position ids as boundaries of packed sequences.
+        kwargs["attention_mask"] = new_mask
+        positions = kwargs.get("position_ids")
+        if self.positions == "original":
+            positions = (order if positions is None else positions.expand(batch, length)).gather(1, origin)
+        elif positions is not None:
+            positions = positions - (~keep & (mask > 0)).cumsum(dim=1)
+        if positions is not None:
             kwargs["position_ids"] = torch.where(filled, positions.gather(1, source), 1)
         self.run.sequence_out = counts.tolist()
         self.run.prefill = PrefillShape(weakref.ref(cache) if cache is not None else None, length, columns, shift)
@@ -195,8 +244,14 @@ class PlaceholderShrinker:
         if mask is not None:
             head = torch.where(prefill.columns >= 0, mask[:, : prefill.length].gather(1, prefill.columns.clamp_min(0)), 0)
             kwargs["attention_mask"] = torch.cat([head, mask[:, prefill.length :]], dim=1)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] - prefill.shift.unsqueeze(1)
+        positions = kwargs.get("position_ids")
+        if self.positions == "compact":
+            if positions is not None:
+                kwargs["position_ids"] = positions - prefill.shift.unsqueeze(1)
+        elif positions is None:  # the stock model counts the cache; ours is shorter by the removed columns
+            new = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
+            start = kwargs["past_key_values"].get_seq_length() + prefill.removed_columns
+            kwargs["position_ids"] = torch.arange(start, start + new, device=prefill.columns.device).unsqueeze(0)
 
 
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
@@ -209,6 +264,7 @@ class LlavaAdapter(Adapter):
     """Visual-token reduction for LLaVA-1.5-style models (one vision tower, one projector, one LLM)."""
 
     sites = frozenset({"vit", "vit_output", "projector_output"})
+    position_modes = frozenset({"original", "compact"})
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -254,8 +310,9 @@ class LlavaAdapter(Adapter):
             protected = 0 if self.drop_cls else tower.protected
             vision = TowerRun(protected=protected, has_cls=False, grid_for=tower.grid_for, method=method)
             undo = [reduce_module_output(self.inner.multi_modal_projector, 0, QKCapture(), 0.0, vision)]
-        run = VlmRun(vision=vision)
+        run = VlmRun(vision=vision, first_feature=int(self.drop_cls and self.site != "projector_output"))
         placeholders = tower.grid[0] * tower.grid[1] + (0 if self.drop_cls else tower.protected)
-        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, placeholders, run)
+        positions = getattr(method.config, "positions", "original")
+        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, placeholders, run, positions)
         undo.append(replace_forward(self.inner, shrinker))
         return undo, run
