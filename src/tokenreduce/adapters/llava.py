@@ -22,12 +22,15 @@ its own forward.
 
 Positions (DESIGN.md sec. 4.3), chosen by the config's ``positions`` field:
 
-* ``"original"`` (default): every kept token keeps the RoPE position it had in the
+* ``"original"`` (default): every token keeps the RoPE position it had in the
   full-length prompt (the given ``position_ids``, or the column index the stock
-  model uses when none are given) and decoding continues after the original
-  length. The LLM sees its visual tokens where it saw them in training; only the
-  removed ones are missing. ``generate()`` equals the stock model fed the pruned
-  embeddings together with the kept tokens' original position ids.
+  model uses when none are given); a visual token takes the position of the
+  placeholder of the patch it came from (the tower run labels every surviving
+  token with its original index; a token made anew, such as a pooled cell, keeps
+  the placeholder it fills), and decoding continues after the original length. For
+  a pruning method this equals the stock model with the removed patches' columns
+  masked out. ``generate()`` equals the stock model fed the pruned embeddings
+  together with these position ids (``stats()["visual_slots"]``).
 * ``"compact"``: the shortened sequence is re-indexed 0..L'-1 (text after an image
   moves back by the removed count) and decode positions move back by the same
   count: what reference implementations get by building shorter ``inputs_embeds``.
@@ -75,6 +78,7 @@ class VlmRun:
     vision: TowerRun | None
     images: int = 0
     tokens_per_image: list[int] = field(default_factory=list)
+    slots_per_image: list[list[int]] = field(default_factory=list)  # placeholder each visual token takes its position from
     placeholders_per_image: int = 0
     sequence_in: int = 0
     sequence_out: list[int] = field(default_factory=list)
@@ -102,6 +106,7 @@ class VlmRun:
             "images": self.images,
             "visual_tokens_in": self.placeholders_per_image,
             "visual_tokens_out": list(self.tokens_per_image),
+            "visual_slots": [list(slots) for slots in self.slots_per_image],
             "sequence_in": self.sequence_in,
             "sequence_out": list(self.sequence_out),
             "prefills": self.prefills,
@@ -157,7 +162,11 @@ class PlaceholderShrinker:
         elif kwargs.get("input_ids") is not None and _is_new_prompt(kwargs):
             self.run.prefills += 1
             self.run.images, self.run.prefill = 0, None
-        return self.original(**kwargs)
+        output = self.original(**kwargs)
+        prefill = self.run.prefill
+        if prefill is not None and prefill.cache is None and getattr(output, "past_key_values", None) is not None:
+            prefill.cache = weakref.ref(output.past_key_values)  # the LLM made it: a hand loop continues this one
+        return output
 
     def _shorten_prefill(self, kwargs: dict[str, Any], kept: list[int]) -> None:
         ids = kwargs.get("input_ids")
@@ -178,6 +187,8 @@ class PlaceholderShrinker:
         run.prefills += 1
         run.images, run.tokens_per_image, run.placeholders_per_image = images, kept, placeholders
         run.sequence_in = ids.shape[1]
+        slots = run.feature_slots(kept)
+        run.slots_per_image = [s.tolist() for s in slots]
         if all(k == placeholders for k in kept):
             run.sequence_out, run.prefill = [ids.shape[1]] * ids.shape[0], None
             return
@@ -185,13 +196,12 @@ class PlaceholderShrinker:
             raise ValueError(f"tokenreduce: an image produced {max(kept)} features for {placeholders} placeholders")
         keep = ~is_image
         origin = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
-        slots = run.feature_slots(kept)
         image_index = 0
         for b in range(ids.shape[0]):
             for run_slots in is_image[b].nonzero()[:, 0].view(-1, placeholders):
                 count = kept[image_index]
                 keep[b, run_slots[:count]] = True
-                origin[b, run_slots[:count]] = run_slots[slots[image_index]]
+                origin[b, run_slots[:count]] = run_slots[slots[image_index].to(run_slots.device)]
                 image_index += 1
         self._gather(kwargs, keep, origin, cache)
 
