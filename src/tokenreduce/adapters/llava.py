@@ -42,7 +42,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -94,12 +94,11 @@ class VlmRun:
         the slot it occupies, as does every token when the labels do not describe these
         features (features passed in precomputed).
         """
-        occupied = [torch.arange(k) for k in kept]
         labels = self.vision.positions if self.vision is not None else None
         if labels is None or labels.shape != (len(kept), max(kept) + self.first_feature) or len(set(kept)) != 1:
-            return occupied
+            return [torch.arange(k) for k in kept]
         labels = labels[:, self.first_feature :] - self.first_feature
-        return [torch.where(row >= 0, row, own).cpu() for row, own in zip(labels, occupied)]
+        return list(torch.where(labels >= 0, labels, torch.arange(labels.shape[1], device=labels.device)))
 
     def stats(self) -> dict[str, Any]:
         stats = {
@@ -131,7 +130,8 @@ class PlaceholderShrinker:
     """The ``LlavaModel.forward`` wrapper that keeps placeholders, masks and positions consistent."""
 
     def __init__(
-        self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: int, run: VlmRun, positions: str = "original"
+        self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: int, run: VlmRun,
+        positions: Literal["original", "compact"] = "original",
     ) -> None:
         self.inner = inner
         self.positions = positions  # "original" or "compact", see the module docstring
