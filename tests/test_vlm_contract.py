@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import vlm_fixtures as vf
@@ -24,6 +26,7 @@ CASES = {
     "prumerge_plus": (tr.PruMergePlusConfig(ratio=0.0), tr.PruMergePlusConfig(keep=16), 16),
     "cdpruner": (tr.CDPrunerConfig(ratio=0.0), tr.CDPrunerConfig(keep=16), 16),
 }
+MAKE_NEW_TOKENS = {"evit", "pooling", "visionzip"}  # a fused / pooled / contextual token is no surviving patch
 FIXTURES = {"llava": lambda: vf.llava(), "llava_full_last": lambda: vf.llava(feature_layer=-1, strategy="full")}
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
 
@@ -83,23 +86,77 @@ def test_active_keeps_budget_and_remove_restores(model, prompts, reference, case
     assert torch.equal(after[0], reference[0]) and torch.equal(after[1], reference[1])
 
 
+@pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case):
+def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case, positions):
+    """"original": the stock model also gets every kept token's position in the full prompt (a visual token's is its
+    patch's placeholder, reported in stats()["visual_slots"]); "compact": no position ids, the short prompt counts 0..L'-1."""
     pixels = vf.pixels(3)
     keep = CASES[case][2] + vf.placeholders(model) - vf.IMAGE_TOKENS
-    with tr.apply(model, CASES[case][1]):
-        _, tokens = run(model, prompts, pixels)
-        ids, mask = vf.batch(prompts)
+    with tr.apply(model, dataclasses.replace(CASES[case][1], positions=positions)) as handle:
+        tokens, logits = generate_with_logits(model, *vf.batch(prompts), pixel_values=pixels)
+        slots = handle.stats()["visual_slots"]
         with torch.no_grad():  # the visual tokens of a forward with the same prompts (CDPruner's selection depends on them)
-            features = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).image_hidden_states
-    short = [[t for i, t in enumerate(p) if t != vf.IMAGE_TOKEN or i - p.index(vf.IMAGE_TOKEN) < keep] for p in prompts]
-    ids, mask = vf.batch(short)
+            features = model(*vf.batch(prompts), pixel_values=pixels).image_hidden_states
+    starts = [p.index(vf.IMAGE_TOKEN) for p in prompts]
+    kept = [[i for i, t in enumerate(p) if t != vf.IMAGE_TOKEN or i - start < keep] for p, start in zip(prompts, starts)]
+    ids, mask = vf.batch([[p[i] for i in columns] for p, columns in zip(prompts, kept)])
+    extra = {}
+    if positions == "original":
+        original = [[start + image_slots[i - start] if p[i] == vf.IMAGE_TOKEN else i for i in columns]
+                    for p, columns, start, image_slots in zip(prompts, kept, starts, slots)]
+        extra["position_ids"] = vf.batch(original)[0]
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
         embeds[ids == vf.IMAGE_TOKEN] = features.to(embeds.dtype)
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                  suppress_tokens=[vf.IMAGE_TOKEN])
-    assert torch.equal(tokens, expected)
+    expected_tokens, expected_logits = generate_with_logits(model, None, mask, inputs_embeds=embeds, **extra)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+
+
+def generate_with_logits(model, ids, mask, **inputs):
+    """Greedy new tokens and the logits of every step (the tokens alone barely depend on positions in a random model)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             suppress_tokens=[vf.IMAGE_TOKEN], output_logits=True, return_dict_in_generate=True, **inputs)
+    return out.sequences[:, 0 if ids is None else ids.shape[1]:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in MAKE_NEW_TOKENS])
+def test_original_positions_equal_masking_out_the_removed_patches(model, prompts, case):
+    """Without position ids, a prefill and a hand-driven cached decode step equal the stock model that keeps every
+    placeholder column (so every position) and masks out the columns of the removed patches."""
+    pixels = vf.pixels(3)
+    ids, mask = vf.batch(prompts)
+    step, step_mask = torch.full((len(prompts), 1), 9), torch.ones(len(prompts), 1, dtype=mask.dtype)
+    with tr.apply(model, CASES[case][1]) as handle, torch.no_grad():
+        prefill = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        decode = model(input_ids=step, attention_mask=torch.cat([mask, step_mask], 1), past_key_values=prefill.past_key_values)
+        features = torch.cat(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
+        alive = handle.surviving_patches()
+    if vf.placeholders(model) > vf.IMAGE_TOKENS:  # [CLS] has the first placeholder
+        alive = torch.cat([torch.ones_like(alive[:, :1]), alive], dim=1)
+    image = ids == vf.IMAGE_TOKEN
+    kept = image.clone()
+    kept[image] = alive.reshape(-1)
+    masked = mask.masked_fill(image & ~kept, 0)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[kept] = features
+        expected = model(inputs_embeds=embeds, attention_mask=masked)
+        expected_decode = model(input_ids=step, attention_mask=torch.cat([masked, step_mask], 1),
+                                past_key_values=expected.past_key_values)
+    torch.testing.assert_close(prefill.logits[:, -1], expected.logits[:, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decode.logits, expected_decode.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_positions_mode_is_validated(model):
+    with pytest.raises(tr.ConfigError, match=r"positions='first' is invalid; accepted: original, compact"):
+        tr.RandomConfig(keep=16, positions="first")
+    tower = model.model.vision_tower
+    with pytest.raises(tr.ConfigError, match=r"positions='compact' does not apply to CLIPVisionModel; accepted here: original"):
+        tr.apply(tower, tr.RandomConfig(keep=16, positions="compact"))
+    assert tr.remove(tower) == 0
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -94,13 +94,19 @@ def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
             f"{config.method} acts on {sorted(method_cls.sites)} sites but {type(model).__name__} offers {sorted(adapter.sites)}; "
             f"methods for this model: {', '.join(supported(model))}"
         )
+    adapter.site = site
+    positions = getattr(config, "positions", "original")
+    if positions not in adapter.position_modes:
+        raise ConfigError(
+            f"{type(config).__name__}: positions={positions!r} does not apply to {type(model).__name__}; "
+            f"accepted here: {', '.join(sorted(adapter.position_modes))}"
+        )
     busy = [m for m in adapter.modules_touched() if m in _ATTACHED]
     if busy:
         raise AlreadyAppliedError(
             f"{type(model).__name__} already has {_ATTACHED[busy[0]].config.method!r} attached; "
             "call handle.remove() (or tokenreduce.remove(model)) before applying another method"
         )
-    adapter.site = site
     method = method_cls(config, adapter.describe())
     undo, run = adapter.attach(method)
     handle = Handle(model, config, method, adapter, undo, run)

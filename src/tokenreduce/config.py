@@ -10,11 +10,14 @@ before any model is touched (DESIGN.md section 4.9).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError
 
 SCHEMA_VERSION = 1
+
+POSITION_MODES = ("original", "compact")
+"""Values of :attr:`BudgetConfig.positions`."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,10 +51,19 @@ class BudgetConfig(ReductionConfig):
     left after the method's last reduction; ``ratio`` is the fraction of reducible
     tokens removed (0 = the unmodified model). Give one of them, or the method's
     own knob where it has one (ToMe's ``r``).
+
+    ``positions`` matters where the reduced tokens feed a language model with position
+    ids (VLMs): ``"original"`` (default, DESIGN.md sec. 4.3) keeps every surviving
+    token at its original position and continues decoding after the original length;
+    ``"compact"`` re-indexes the shortened sequence contiguously, as reference
+    implementations that build shorter ``inputs_embeds`` do. It exists to reproduce
+    them: a model trained on full-length prompts loses its layout under it. Models
+    without position ids (ViT classifiers) accept only ``"original"``.
     """
 
     keep: int | None = None
     ratio: float | None = None
+    positions: Literal["original", "compact"] = "original"
 
     def validate(self) -> None:
         super().validate()
@@ -64,6 +76,7 @@ class BudgetConfig(ReductionConfig):
                     f"{type(self).__name__}: ratio={self.ratio!r} is invalid; ratio is the fraction of tokens removed, "
                     "a number in [0, 1) (0 = no reduction)"
                 )
+        check_choice(self, "positions", POSITION_MODES)
         if self.keep is not None and self.ratio is not None:
             raise ConfigError(f"{type(self).__name__}: give keep or ratio, not both (got keep={self.keep}, ratio={self.ratio})")
 

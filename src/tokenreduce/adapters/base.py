@@ -23,6 +23,9 @@ class Adapter:
 
     sites: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()  # inputs beyond the site's tokens, e.g. "prompt_text" (Method.requires)
+    position_modes: ClassVar[frozenset[str]] = frozenset({"original"})
+    """Values of a config's ``positions`` this model honours; only a model whose reduced tokens feed
+    position ids can re-index them, everywhere else "compact" would be silently meaningless."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -18,11 +18,26 @@ Whatever the site, the image features end up shorter than the placeholder runs t
 processor expanded. :class:`PlaceholderShrinker` wraps ``LlavaModel.forward``: at
 prefill it drops the surplus placeholder columns of each sample (per image, no
 hard-coded offsets: spans come from ``input_ids == image_token_id``) from
-``input_ids``, ``attention_mask`` and ``position_ids``; at each decode step that
-continues the same KV cache it drops the same columns from the attention mask and
-shifts the position ids, so ``generate()`` equals the stock model fed the pruned
-embeddings directly. Nothing of the model's own code is copied: image features
-come from its ``get_image_features`` and the LLM runs its own forward.
+``input_ids`` and ``attention_mask``; at each decode step that continues the same KV
+cache it drops the same columns from the attention mask. Nothing of the model's own
+code is copied: image features come from its ``get_image_features`` and the LLM runs
+its own forward.
+
+Positions (DESIGN.md sec. 4.3), chosen by the config's ``positions`` field:
+
+* ``"original"`` (default): every token keeps the RoPE position it had in the
+  full-length prompt (the given ``position_ids``, or the column index the stock
+  model uses when none are given); a visual token takes the position of the
+  placeholder of the patch it came from (the tower run labels every surviving
+  token with its original index; a token made anew, such as a pooled cell, keeps
+  the placeholder it fills), and decoding continues after the original length. For
+  a pruning method this equals the stock model with the removed patches' columns
+  masked out. ``generate()`` equals the stock model fed the pruned embeddings
+  together with these position ids (``stats()["visual_slots"]``).
+* ``"compact"``: the shortened sequence is re-indexed 0..L'-1 (text after an image
+  moves back by the removed count) and decode positions move back by the same
+  count: what reference implementations get by building shorter ``inputs_embeds``.
+  ``generate()`` equals the stock model fed the pruned embeddings alone.
 
 :class:`ImageEncoder` shadows ``get_image_features`` with two services for
 methods: it hands each image's prompt text to the site (``Site.text``,
@@ -39,7 +54,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -61,7 +76,12 @@ class PrefillShape:
     cache: Any  # weakref to the KV cache built by the shortened prefill
     length: int  # original prompt length
     columns: torch.Tensor  # [B, L'] original column of each kept column, -1 for added padding
-    shift: torch.Tensor  # [B] real tokens removed per sample (position ids move back by this)
+    shift: torch.Tensor  # [B] real tokens removed per sample (compact position ids move back by this)
+
+    @property
+    def removed_columns(self) -> int:
+        """How much shorter the cache is than the stock model's: the offset of its implicit positions."""
+        return self.length - self.columns.shape[1]
 
 
 @dataclass
@@ -71,17 +91,34 @@ class VlmRun:
     vision: TowerRun | None
     images: int = 0
     tokens_per_image: list[int] = field(default_factory=list)
+    slots_per_image: list[list[int]] = field(default_factory=list)  # placeholder each visual token takes its position from
     placeholders_per_image: int | list[int] = 0
     sequence_in: int = 0
     sequence_out: list[int] = field(default_factory=list)
     prefills: int = 0
     prefill: PrefillShape | None = None
+    first_feature: int = 0  # tower index of the first token the LLM receives (1 when [CLS] is dropped after the tower)
+
+    def feature_slots(self, kept: list[int]) -> list[torch.Tensor]:
+        """Per image, the placeholder slot (patch index in the LLM's image run) each received visual token came from.
+
+        The tower run labels every surviving token with its original index; a token made
+        anew (a pooled cell, a merged contextual token) has no single origin and keeps
+        the slot it occupies, as does every token when the labels do not describe these
+        features (features passed in precomputed).
+        """
+        labels = self.vision.positions if self.vision is not None else None
+        if labels is None or labels.shape != (len(kept), max(kept) + self.first_feature) or len(set(kept)) != 1:
+            return [torch.arange(k) for k in kept]
+        labels = labels[:, self.first_feature :] - self.first_feature
+        return list(torch.where(labels >= 0, labels, torch.arange(labels.shape[1], device=labels.device)))
 
     def stats(self) -> dict[str, Any]:
         stats = {
             "images": self.images,
             "visual_tokens_in": self.placeholders_per_image,
             "visual_tokens_out": list(self.tokens_per_image),
+            "visual_slots": [list(slots) for slots in self.slots_per_image],
             "sequence_in": self.sequence_in,
             "sequence_out": list(self.sequence_out),
             "prefills": self.prefills,
@@ -188,10 +225,11 @@ class PlaceholderShrinker:
 
     def __init__(
         self, inner: nn.Module, image_token_id: int, pad_token_id: int, placeholders: Placeholders, run: VlmRun,
-        encoder: ImageEncoder | None = None,
+        encoder: ImageEncoder | None = None, positions: Literal["original", "compact"] = "original",
     ) -> None:
         self.inner = inner
         self.encoder = encoder
+        self.positions = positions  # "original" or "compact", see the module docstring
         self.placeholders = placeholders
         self.original = inner.forward
         self.signature = inspect.signature(self.original)
@@ -214,7 +252,11 @@ class PlaceholderShrinker:
         elif kwargs.get("input_ids") is not None and _is_new_prompt(kwargs):
             self.run.prefills += 1
             self.run.images, self.run.prefill = 0, None
-        return self.original(**kwargs)
+        output = self.original(**kwargs)
+        prefill = self.run.prefill
+        if prefill is not None and prefill.cache is None and getattr(output, "past_key_values", None) is not None:
+            prefill.cache = weakref.ref(output.past_key_values)  # the LLM made it: a hand loop continues this one
+        return output
 
     def _image_features(self, kwargs: dict[str, Any]) -> Any:
         """The model's own image encoding of ``pixel_values`` (reduced by the hooks the adapter installed)."""
@@ -249,21 +291,31 @@ class PlaceholderShrinker:
         run.images, run.tokens_per_image = images, kept
         run.placeholders_per_image = expected[0] if fixed else expected
         run.sequence_in = ids.shape[1]
+        slots = run.feature_slots(kept)
+        run.slots_per_image = [s.tolist() for s in slots]
         if kept == expected:
             run.sequence_out, run.prefill = [ids.shape[1]] * ids.shape[0], None
             return
         if any(k > n for k, n in zip(kept, expected)):
             raise ValueError(f"tokenreduce: an image produced more features than placeholders ({kept} for {expected})")
         keep = ~is_image
+        origin = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
         image_index = 0
         for b, counts in enumerate(runs):
-            slots = is_image[b].nonzero()[:, 0].split(counts)
-            for run_slots in slots:
-                keep[b, run_slots[: kept[image_index]]] = True
+            for run_slots in is_image[b].nonzero()[:, 0].split(counts):
+                count = kept[image_index]
+                keep[b, run_slots[:count]] = True
+                origin[b, run_slots[:count]] = run_slots[slots[image_index].to(run_slots.device)]
                 image_index += 1
-        self._gather(kwargs, keep, cache)
+        self._gather(kwargs, keep, origin, cache)
 
-    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, cache: Any) -> None:
+    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, origin: torch.Tensor, cache: Any) -> None:
+        """Keep the ``keep`` columns; ``origin`` is the column whose position each one takes in "original" mode.
+
+        Features fill the first placeholders of their run in the order the vision side
+        returns them (``masked_scatter``), so a kept column's own index is not where its
+        patch was: ``origin`` maps it back to the placeholder of that patch.
+        """
         ids = kwargs["input_ids"]
         batch, length = ids.shape
         mask = kwargs.get("attention_mask")
@@ -282,11 +334,15 @@ class PlaceholderShrinker:
         kwargs["input_ids"] = torch.where(filled, ids.gather(1, source), self.pad_token_id)
         new_mask = torch.where(filled, mask.gather(1, source), 0)
         shift = mask.sum(dim=1) - new_mask.sum(dim=1)
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = new_mask
-        if kwargs.get("position_ids") is not None:
-            removed_before = (~keep & (mask > 0)).cumsum(dim=1)
-            positions = kwargs["position_ids"] - removed_before
+        # Always explicit: added padding must be masked, and without a mask transformers reads
+        # the jumps in original position ids as boundaries of packed sequences.
+        kwargs["attention_mask"] = new_mask
+        positions = kwargs.get("position_ids")
+        if self.positions == "original":
+            positions = (order if positions is None else positions.expand(batch, length)).gather(1, origin)
+        elif positions is not None:
+            positions = positions - (~keep & (mask > 0)).cumsum(dim=1)
+        if positions is not None:
             kwargs["position_ids"] = torch.where(filled, positions.gather(1, source), 1)
         self.run.sequence_out = counts.tolist()
         self.run.prefill = PrefillShape(weakref.ref(cache) if cache is not None else None, length, columns, shift)
@@ -302,8 +358,14 @@ class PlaceholderShrinker:
         if mask is not None:
             head = torch.where(prefill.columns >= 0, mask[:, : prefill.length].gather(1, prefill.columns.clamp_min(0)), 0)
             kwargs["attention_mask"] = torch.cat([head, mask[:, prefill.length :]], dim=1)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] - prefill.shift.unsqueeze(1)
+        positions = kwargs.get("position_ids")
+        if self.positions == "compact":
+            if positions is not None:
+                kwargs["position_ids"] = positions - prefill.shift.unsqueeze(1)
+        elif positions is None:  # the stock model counts the cache; ours is shorter by the removed columns
+            new = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
+            start = kwargs["past_key_values"].get_seq_length() + prefill.removed_columns
+            kwargs["position_ids"] = torch.arange(start, start + new, device=prefill.columns.device).unsqueeze(0)
 
 
 def _runs_per_sample(per_sample: list[int], expected: list[int]) -> list[list[int]] | None:
@@ -355,6 +417,11 @@ class LlavaAdapter(Adapter):
         self.image_token_id = config.image_token_id
         self.pad_token_id = getattr(config.text_config, "pad_token_id", None) or 0
 
+    @property
+    def position_modes(self) -> frozenset[str]:  # type: ignore[override]
+        # Pre-LLM sites shorten the prompt and can re-index it; the in-LLM machinery keeps original positions only.
+        return frozenset({"original"}) if self.site == "llm" else frozenset({"original", "compact"})
+
     def modules_touched(self) -> list[nn.Module]:
         return [self.inner, self.inner.multi_modal_projector, *self.tower.blocks]
 
@@ -377,13 +444,16 @@ class LlavaAdapter(Adapter):
                 _image_tokens(args, kwargs, self.image_token_id)), with_kwargs=True)
             return [*undo, report.remove], decoder
         undo, vision = self.attach_vision(method)
-        run = VlmRun(vision=vision)
+        cls_dropped = self.drop_cls and self.site != "projector_output"
+        run = VlmRun(vision=vision, first_feature=int(cls_dropped))
         placeholders = self.placeholders()
-        encoder = ImageEncoder(self.inner, run, self.image_token_id, placeholders, self.drop_cls and self.site != "projector_output")
+        encoder = ImageEncoder(self.inner, run, self.image_token_id, placeholders, cls_dropped)
         undo.append(replace_forward(self.inner, encoder, "get_image_features"))
         if self.model is not self.inner and hasattr(self.model, "generate"):
             undo.append(replace_forward(self.model, _generate_with_prompt(self.model.generate, encoder), "generate"))
-        shrinker = PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, placeholders, run, encoder)
+        shrinker = PlaceholderShrinker(
+            self.inner, self.image_token_id, self.pad_token_id, placeholders, run, encoder, positions=method.config.positions,
+        )
         undo.append(replace_forward(self.inner, shrinker))
         return undo, run
 

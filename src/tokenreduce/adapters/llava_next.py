@@ -182,7 +182,10 @@ class LlavaNextAdapter(LlavaAdapter):
             select = self._vision_selector(vision)
         undo.append(replace_forward(self.inner, self._packer(select, every_row=self.site == "anyres"), "pack_image_features"))
         run = VlmRun(vision=vision)
-        undo.append(replace_forward(self.inner, PlaceholderShrinker(self.inner, self.image_token_id, self.pad_token_id, self.placeholders(), run)))
+        shrinker = PlaceholderShrinker(
+            self.inner, self.image_token_id, self.pad_token_id, self.placeholders(), run, positions=method.config.positions,
+        )
+        undo.append(replace_forward(self.inner, shrinker))
         return undo, run
 
     def _packer(self, select: ViewSelector, every_row: bool) -> Callable[..., tuple[list[torch.Tensor], torch.Tensor]]:

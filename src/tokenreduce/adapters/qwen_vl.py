@@ -197,6 +197,7 @@ class MRopeShrinker(PlaceholderShrinker):
             )
         run.prefills += 1
         run.images, run.tokens_per_image = len(kept), kept
+        run.slots_per_image = [s.tolist() for s in run.slots]
         run.sequence_in = ids.shape[1]
         if kept == placeholders:
             run.sequence_out, run.prefill = [ids.shape[1]] * ids.shape[0], None
@@ -209,7 +210,7 @@ class MRopeShrinker(PlaceholderShrinker):
             slots = is_image[b].nonzero()[:, 0].split([placeholders[i] for i in images])
             for image, image_slots in zip(images, slots):
                 keep[b, image_slots[run.slots[image].to(ids.device)]] = True
-        self._gather(kwargs, keep, cache)
+        self._gather(kwargs, keep, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), cache)
 
     def _full_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """The stock model's M-RoPE ids of the full prompt (this also sets its ``rope_deltas`` for decoding)."""
@@ -220,9 +221,9 @@ class MRopeShrinker(PlaceholderShrinker):
             raise ValueError("tokenreduce: pass mm_token_type_ids (the processor returns it); without it the model has no M-RoPE positions to keep")
         return positions
 
-    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, cache: Any) -> None:
-        positions = kwargs.pop("position_ids")
-        super()._gather(kwargs, keep, cache)
+    def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, origin: torch.Tensor, cache: Any) -> None:
+        positions = kwargs.pop("position_ids")  # kept columns are the slots of their own merged tokens: origin is the identity
+        super()._gather(kwargs, keep, origin, cache)
         columns = self.run.prefill.columns  # [B, W] original column of each kept column, -1 for added padding
         index, filled = columns.clamp_min(0), columns >= 0
         # Only the (t, h, w) rows: a leading text row (generate's 4-row ids) only marks packed sequences.
