@@ -205,6 +205,7 @@ class ToCa(DiffusionMethod):
         with call.probe.capture():
             out = call.compute(rows)
         q, k, segments = call.probe.qk(call.kwargs)
+        run.count("flops_computed", 2 * q.numel() * k.shape[-2])  # the probe's Q K^T (s1 and s2 alike)
         if call.unit.kind == "cross":
             self._update_cross_map(run, call, cross_attention_probs(q, k, call.kwargs.get("attention_mask")), rows)
         else:

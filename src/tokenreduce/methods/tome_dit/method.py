@@ -98,6 +98,8 @@ class ToMeDiT(DiffusionMethod):
         if call.unit.kind not in ("self", "joint") or call.compute_on is None or grid[0] * grid[1] != n or r <= 0:
             return call.compute(None)
         plan = window_plan(call.x, grid, self.config.window, r, self._choice(run, call, grid))
+        batch, _, channels = call.x.shape
+        run.count("flops_computed", 2 * batch * (n - cells) * cells * channels)  # the sources x destinations similarity
         out = call.compute_on(apply_plan(plan, call.x)[0])
         index = unmerge_index(plan, n)
         run.count("merged_tokens", plan.merge_src.numel())
