@@ -13,14 +13,13 @@ protected. Flux is not supported: its rotary positions have no merged value.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...config import ReductionConfig, check_range
-from ...diffusion.method import DiffusionMethod, UnitCall, check_int
+from ...diffusion.method import DiffusionMethod, UnitCall, check_int, unit_generator
 from ...diffusion.state import DiffusionRun
 from ...errors import ConfigError, UnsupportedModelError
 from ...ops.merge import TokenPlan, apply_plan, complement, gather_tokens, output_index
@@ -111,6 +110,5 @@ class ToMeDiT(DiffusionMethod):
         shape = (grid[0] // self.config.window, grid[1] // self.config.window)
         if not self.config.random_dst:
             return torch.zeros(shape, dtype=torch.long, device=call.x.device)
-        key = f"{self.config.seed}/{run.call.step}/{call.block.layer}/{call.unit.name}".encode()
-        generator = torch.Generator().manual_seed(zlib.crc32(key))
+        generator = unit_generator(self.config.seed, run, call)
         return torch.randint(self.config.window**2, shape, generator=generator).to(call.x.device)
