@@ -30,7 +30,13 @@ What is measured, and how
    same generation.
 2. Latency of whole generations with ``time_interleaved`` (``--warmup`` +
    ``--repeats`` per candidate, round-robin, rotated order); measured speed-up =
-   ratio of medians; efficiency = measured / ideal (**target >= 0.8**).
+   ratio of medians; efficiency = measured / ideal (**target >= 0.8**). The same
+   timed calls also record the process's CPU time (``time.process_time``): on a
+   machine shared with other jobs, wall time includes the time spent waiting for
+   a core, which hits the candidates unevenly; the CPU time of the work itself
+   does not (with ``--threads 1`` it is the single thread's busy time). Both
+   speed-ups are reported; the target is read on CPU time when the load average
+   exceeds the cores.
 3. Cache memory: the bytes held by the method's caches (every cached tensor,
    ``handle.stats()["cache_bytes"]``) after every step of the counted
    generation, maximum over steps; plus the process's peak RSS during one
@@ -52,6 +58,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -208,7 +215,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[name] = count_generation(m, handles[name], sample)
             rows[name]["config"] = None if config is None else config.to_dict()
         log(f"timing: {args.warmup} warm-up + {args.repeats} generations per candidate, interleaved")
-        timings = time_interleaved({name: (lambda m=m: sample(m)) for name, m in models.items()}, args.warmup, args.repeats)
+        cpu: dict[str, list[float]] = {name: [] for name in models}
+
+        def timed(name: str, m: torch.nn.Module) -> Callable[[], None]:
+            def call() -> None:
+                start = time.process_time()
+                sample(m)
+                cpu[name].append(time.process_time() - start)
+
+            return call
+
+        timings = time_interleaved({name: timed(name, m) for name, m in models.items()}, args.warmup, args.repeats)
         for name, m in models.items():
             log(f"{name}: peak memory of one generation")
             memory = peak_memory(lambda m=m: sample(m))
@@ -226,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["latency_samples_s"] = list(timings[name].times)
         row["measured_speedup"] = speedup(timings["base"], timings[name])
         row["efficiency"] = row["measured_speedup"] / row["ideal_speedup"]
+        row["cpu_samples_s"] = cpu[name][args.warmup :]
+        row["cpu_s"] = statistics.median(row["cpu_samples_s"])
+        row["cpu_speedup"] = statistics.median(cpu["base"][args.warmup :]) / row["cpu_s"]
+        row["cpu_efficiency"] = row["cpu_speedup"] / row["ideal_speedup"]
         row["latent_rel_error"] = float((latents - reference).norm() / reference.norm())
     results = {
         "model": {"class": "PixArtTransformer2DModel", "blocks": args.blocks, "hidden": args.heads * HEAD_DIM, "heads": args.heads, "patch": 2,
@@ -249,19 +270,28 @@ def print_report(results: dict[str, Any]) -> None:
         f"DPM-Solver++ {results['steps']} steps, CFG {results['guidance']} (doubled batch of {2 * results['batch']}); "
         f"load average {results['machine']['load_avg'][0]:.1f}"
     )
-    head = ["method", "TFLOPs/gen", "blocks ratio", "ideal x", "latency s", "measured x", "meas/ideal", "cache MiB", "RSS peak MiB", "RSS delta MiB", "latent err"]
+    head = [
+        "method", "TFLOPs/gen", "blocks ratio", "ideal x", "wall s", "wall x", "wall/ideal", "CPU s", "CPU x", "CPU/ideal",
+        "cache MiB", "RSS peak MiB", "RSS delta MiB", "latent err",
+    ]
     lines = [head]
     for name, r in results["rows"].items():
         lines.append([
             name, f"{r['flops'] / 1e12:.3f}", f"{r['flops_ratio_analytic']:.3f}", f"{r['ideal_speedup']:.2f}", f"{r['latency_s']:.2f}",
-            f"{r['measured_speedup']:.2f}", f"{r['efficiency']:.2f}", f"{r['cache_bytes_peak'] / 2**20:.1f}",
+            f"{r['measured_speedup']:.2f}", f"{r['efficiency']:.2f}", f"{r['cpu_s']:.2f}", f"{r['cpu_speedup']:.2f}",
+            f"{r['cpu_efficiency']:.2f}", f"{r['cache_bytes_peak'] / 2**20:.1f}",
             f"{r['rss_peak_bytes'] / 2**20:.0f}", f"{r['rss_delta_bytes'] / 2**20:.0f}", f"{r['latent_rel_error']:.3f}",
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
-    low = [name for name, r in results["rows"].items() if name != "base" and r["efficiency"] < TARGET_EFFICIENCY]
-    print(f"target measured/ideal >= {TARGET_EFFICIENCY}: " + (f"missed by {', '.join(low)}" if low else "met"))
+    loaded = results["machine"]["load_avg"][0] > results["machine"]["cores"]
+    key = "cpu_efficiency" if loaded else "efficiency"
+    low = [name for name, r in results["rows"].items() if name != "base" and r[key] < TARGET_EFFICIENCY]
+    print(
+        f"target measured/ideal >= {TARGET_EFFICIENCY} on {'CPU time (load above the cores)' if loaded else 'wall time'}: "
+        + (f"missed by {', '.join(low)}" if low else "met")
+    )
     for name, ops in results["profiles"].items():
         total = sum(ops.values())
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]

@@ -22,7 +22,7 @@ def test_quick_run_reports_flops_speed_and_cache_memory(tmp_path, capsys):
     out = tmp_path / "r.json"
     results = bench.main(["--quick", "--threads", "1", "--out", str(out)])
     table = capsys.readouterr().out
-    assert "meas/ideal" in table and "cache MiB" in table
+    assert "wall/ideal" in table and "CPU/ideal" in table and "cache MiB" in table
     rows = results["rows"]
     assert list(rows) == ["base", "toca", "fora"]
     base, toca, fora = rows["base"], rows["toca"], rows["fora"]
@@ -30,7 +30,7 @@ def test_quick_run_reports_flops_speed_and_cache_memory(tmp_path, capsys):
     for row in (toca, fora):
         assert row["flops"] < base["flops"] and row["ideal_speedup"] > 1.0
         assert 0.0 < row["flops_ratio_analytic"] < 1.0 and row["partial_steps"] > 0
-        assert math.isfinite(row["efficiency"]) and row["efficiency"] > 0.0
+        assert math.isfinite(row["efficiency"]) and row["efficiency"] > 0.0 and row["cpu_efficiency"] > 0.0
         assert 0.0 < row["latent_rel_error"] < 1.0
     # FORA caches one [2B, N, C] output per unit (self-, cross-attention, MLP) of every block, in the model dtype (bf16).
     model = results["model"]
