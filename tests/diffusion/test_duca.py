@@ -49,3 +49,10 @@ def test_selection_repeats_with_the_seed_and_changes_with_it():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(tr.ConfigError, match="DuCaConfig"):
         DuCaConfig(**bad)
+
+
+def test_too_few_steps_for_the_schedule_is_an_error_before_anything_is_attached():
+    model = fx.build("flux")
+    with pytest.raises(tr.ConfigError, match=r"runs 3 inference steps but this schedule needs at least 4"):
+        tr.apply(model, DuCaConfig(preset="flux", num_steps=3))  # Flux: steps 0-2 always full
+    assert all("forward" not in m.__dict__ for m in model.modules())
