@@ -295,11 +295,12 @@ class UnitCost:
         if unit.kind == "mlp":
             return 2 * batch * self.query * rows
         if unit.kind == "cross":
-            keys, queries, extra = text, rows, 0
+            queries, keys, key_rows, extra = rows, text, text, 0
         else:
             extra = text if unit.kind == "joint" and self.text else 0
             queries = keys = rows + extra
-        linear = self.query * rows + self.key * (rows if unit.kind != "cross" else text) + self.text * extra
+            key_rows = rows
+        linear = self.query * rows + self.key * key_rows + self.text * extra
         return 2 * batch * linear + 4 * batch * queries * keys * self.width
 
 
