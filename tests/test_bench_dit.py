@@ -50,3 +50,24 @@ def test_settings_label_shows_only_changed_fields():
 def test_one_impossible_method_is_an_error(capsys):
     assert cli.main(["bench", "zoo:digits-dit", "--method", "teacache", "--set", "interval=2", "--samples", "2"]) == 2
     assert "teacache: no setting interval" in capsys.readouterr().err
+
+
+def test_no_cfg_with_fewer_steps_baseline_matched_to_flops(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = cli.main([
+        "bench", "zoo:digits-dit", "--method", "fora", "--samples", "2", "--steps", "10", "--guidance", "1", "--fewer-steps",
+        "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress",
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    base, fora, fewer = report["rows"]
+    assert report["guidance"] == 1.0 and fewer["method"] == bench_dit.FEWER_STEPS and fewer["config"] is None
+    assert fewer["steps"] == round(10 * fora["tflops"] / base["tflops"]) < 10
+    assert fewer["tflops"] == pytest.approx(base["tflops"] * fewer["steps"] / 10, rel=1e-9)  # uncached cost is linear in steps
+    assert fewer["psnr"] < math.inf  # measured against the full-step uncached samples
+    assert bench_dit.FEWER_STEPS in capsys.readouterr().out
+
+
+def test_fewer_steps_must_be_fewer(capsys):
+    assert cli.main(["bench", "zoo:digits-dit", "--method", "fora", "--samples", "2", "--steps", "10", "--fewer-steps", "10"]) == 2
+    assert "fewer_steps=[10]" in capsys.readouterr().err

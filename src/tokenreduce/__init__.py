@@ -11,7 +11,7 @@ from .api import Handle, apply, list_methods, remove, supported
 from .config import config_from_dict
 from .errors import AlreadyAppliedError, ConfigError, TokenReduceError, UnsupportedModelError
 from .diffusion import (
-    DeltaDiTConfig, FirstBlockCacheConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig, ToCaConfig, ToMeDiTConfig,
+    DeltaDiTConfig, DuCaConfig, FirstBlockCacheConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig, ToCaConfig, ToMeDiTConfig,
 )
 from .methods import (
     CDPrunerConfig, DARTConfig, DivPruneConfig, EViTConfig, FastVConfig, FasterVLMConfig, FiCoCoVConfig, GlobalCom2Config, PDropConfig, PoolingConfig, PruMergeConfig, PruMergePlusConfig,
@@ -22,7 +22,7 @@ from .registry import register_adapter, register_method
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeltaDiTConfig", "FirstBlockCacheConfig", "FORAConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig",
+    "DeltaDiTConfig", "DuCaConfig", "FirstBlockCacheConfig", "FORAConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig",
     "ToMeDiTConfig",
     "AlreadyAppliedError", "CDPrunerConfig", "ConfigError", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "Handle",
     "PoolingConfig", "PruMergeConfig", "PruMergePlusConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",

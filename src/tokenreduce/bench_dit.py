@@ -15,6 +15,14 @@ the same labels (0..9 repeated) and the same starting noise, so that:
   SSIM to the uncached samples from the same noise (the base row's PSNR is
   ``inf``: identical images; JSON writes it as ``Infinity``, which Python's
   ``json`` reads back as ``float("inf")``).
+
+The cheapest competitor of any cache is sampling with fewer steps. With
+``fewer_steps`` the uncached model also samples with fewer DDIM steps
+(pseudo-method ``fewer_steps``): either given step counts, or, with
+``match_flops``, one per method, ``round(steps * method FLOPs / base FLOPs)``, so
+that a method is compared with plain sampling at the same compute (e.g. ToCa at
+2x fewer FLOPs against 25 instead of 50 steps). Their PSNR / SSIM are measured
+against the full-step uncached samples.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,7 @@ from .measure import count_flops, peak_memory, speedup, time_interleaved
 from .zoo import dit_sampling
 
 MODEL_SPEC = "zoo:digits-dit"
+FEWER_STEPS = "fewer_steps"  # the pseudo-method of the fewer-steps baseline rows
 GRID_COLUMNS = dit_sampling.NUM_CLASSES  # one column per digit class: enough to see each method's effect
 
 
@@ -97,6 +106,8 @@ def run_dit_bench(
     seed: int = 0,
     skipped: list[str] | None = None,
     progress: Callable[[list], list] = lambda items: items,
+    fewer_steps: Sequence[int] = (),
+    match_flops: bool = False,
 ) -> list[DitRow]:
     """Benchmark the uncached transformer and every config; returns the base row first.
 
@@ -104,22 +115,26 @@ def run_dit_bench(
     in chunks of ``batch_size`` for quality; latency and memory use the first
     chunk. A config the model cannot satisfy (at apply or at the start of a
     generation) is left out with its message appended to ``skipped``; with
-    ``skipped=None`` the error is raised.
+    ``skipped=None`` the error is raised. ``fewer_steps`` / ``match_flops`` add
+    uncached rows with fewer steps after the methods (module doc).
     """
+    if any(n < 1 or n >= steps for n in fewer_steps):
+        raise ConfigError(f"fewer_steps={list(fewer_steps)}: each must be between 1 and steps - 1 = {steps - 1}")
     labels = torch.arange(samples) % dit_sampling.NUM_CLASSES
     size = model.config.sample_size
     noise = torch.randn(samples, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
 
-    def generate(m: nn.Module, count: int) -> torch.Tensor:
+    def generate(m: nn.Module, count: int, n_steps: int) -> torch.Tensor:
         """The first ``count`` samples, sampled ``batch_size`` at a time."""
         spans = [slice(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
-        chunks = [dit_sampling.sample(m, labels[s], steps=steps, guidance=guidance, noise=noise[s]) for s in spans]
+        chunks = [dit_sampling.sample(m, labels[s], steps=n_steps, guidance=guidance, noise=noise[s]) for s in spans]
         return torch.cat(chunks)
 
     models: list[nn.Module] = [model]
     handles: list[api.Handle | None] = [None]
     flops: list[int] = []
     stats: list[dict[str, Any]] = []
+    row_steps: list[int] = [steps]
     try:
         for config in progress([None, *configs]):
             candidate = model if config is None else shared_copy(model)
@@ -128,7 +143,7 @@ def run_dit_bench(
                 if config is not None:
                     handle = api.apply(candidate, config)
                 # Counting FLOPs runs the first generation, where a schedule's step check happens.
-                flops.append(count_flops(lambda: generate(candidate, 1)).total)
+                flops.append(count_flops(lambda: generate(candidate, 1, steps)).total)
             except ConfigError as error:
                 if handle is not None:
                     handle.remove()
@@ -140,19 +155,29 @@ def run_dit_bench(
             if handle is not None:
                 handles.append(handle)
                 models.append(candidate)
-        images = [generate(m, samples) for m in models]
+                row_steps.append(steps)
+        matched = [max(1, round(steps * f / flops[0])) for f in flops[1:]] if match_flops else []
+        for n_steps in sorted({n for n in [*fewer_steps, *matched] if n < steps}, reverse=True):
+            flops.append(count_flops(lambda n_steps=n_steps: generate(model, 1, n_steps)).total)
+            stats.append({})
+            handles.append(None)
+            models.append(model)
+            row_steps.append(n_steps)
+        images = [generate(m, samples, n) for m, n in zip(models, row_steps)]
         batch = min(batch_size, samples)
-        timings = time_interleaved({str(i): (lambda m=m: generate(m, batch)) for i, m in enumerate(models)}, warmup, repeats)
-        memory = [peak_memory(lambda m=m: generate(m, batch)).delta_bytes for m in models]
+        runs = {str(i): (lambda m=m, n=n: generate(m, batch, n)) for i, (m, n) in enumerate(zip(models, row_steps))}
+        timings = time_interleaved(runs, warmup, repeats)
+        memory = [peak_memory(run).delta_bytes for run in runs.values()]
         judged = [dit_sampling.judge(x) for x in images]
     finally:
         for handle in handles[1:]:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
     return [
         DitRow(
-            method=handle.config.method if handle else "base",
+            method=handle.config.method if handle else "base" if i == 0 else FEWER_STEPS,
             config=handle.config.to_dict() if handle else None,
-            steps=steps,
+            steps=row_steps[i],
             tflops=flops[i] / 1e12,
             ideal_speedup=flops[0] / flops[i],
             latency_ms=timings[str(i)].median * 1e3,
@@ -235,6 +260,10 @@ def save_grid(rows: list[DitRow], path: str | Path) -> None:
 def run_cli(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     """``tokenreduce bench zoo:digits-dit ...``: the methods (or ``--sweep``: all supported, defaults) against the uncached model.
 
+    ``--guidance 1`` samples without classifier-free guidance (one call per step);
+    ``--fewer-steps N ...`` adds uncached rows with N steps, ``--fewer-steps``
+    alone one per method at the method's FLOPs (see the module doc).
+
     ``--keep`` / ``--ratio`` are token budgets; caching methods have no common
     budget, so they are refused here (use ``--set``), as is ``--plot`` (its axis
     is the ViT harness's quality).
@@ -263,9 +292,11 @@ def run_cli(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     def progress(items: list) -> Any:
         return tqdm(items, desc="sampling", disable=args.no_progress)
 
+    fewer = args.fewer_steps
     rows = run_dit_bench(
         model, configs, samples=args.samples, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
         warmup=args.warmup, repeats=args.repeats, skipped=skipped if len(methods) > 1 else None, progress=progress,
+        fewer_steps=fewer or [], match_flops=fewer == [],
     )
     print(
         f"{MODEL_SPEC}: {args.samples} samples, DDIM {args.steps} steps, CFG {args.guidance}, batch {min(args.batch_size, args.samples)}, "

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=50, help="zoo:digits-dit: DDIM sampling steps (default: %(default)s)")
     run.add_argument("--guidance", type=float, default=2.0, help="zoo:digits-dit: classifier-free guidance scale (default: %(default)s)")
     run.add_argument("--grid", help="zoo:digits-dit: write an image grid (PNG), one row of samples per method")
+    run.add_argument(
+        "--fewer-steps", type=int, nargs="*", default=None, metavar="N",
+        help="zoo:digits-dit: also sample uncached with N steps; without N, one step count per method matching its FLOPs",
+    )
 
     viz = commands.add_parser("viz", help="save an image with each method's discarded patches greyed out")
     viz.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -16,6 +16,7 @@ import tokenreduce as tr
 from tokenreduce import registry
 from tokenreduce.diffusion import (
     DeltaDiTConfig,
+    DuCaConfig,
     FirstBlockCacheConfig,
     FORAConfig,
     TaylorSeerConfig,
@@ -29,6 +30,7 @@ STEPS = 6
 CASES = {
     "fora": (FORAConfig(interval=1), FORAConfig(interval=3)),
     "toca": (ToCaConfig(interval=1, num_steps=STEPS), ToCaConfig(fresh_ratio=0.3, num_steps=STEPS)),
+    "duca": (DuCaConfig(interval=1, num_steps=STEPS), DuCaConfig(fresh_ratio=0.3, num_steps=STEPS)),
     "toca_constant": (ToCaConfig(preset="constant", fresh_ratio=1.0), ToCaConfig(preset="constant", fresh_ratio=0.25, interval=2)),
     "teacache": (TeaCacheConfig(threshold=0.0), TeaCacheConfig(threshold=0.3, num_steps=STEPS)),
     "first_block_cache": (FirstBlockCacheConfig(threshold=0.0), FirstBlockCacheConfig(threshold=0.5)),

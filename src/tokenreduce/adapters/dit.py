@@ -176,7 +176,8 @@ class BlockSpec:
     ``attn2`` or SD3's last ``ff_context``, are skipped); probes: the QKSpec of
     each attention unit; two_streams: the block takes and returns
     ``(encoder_hidden_states, hidden_states)``; modulated: the first attention's
-    modulated input (TeaCache indicator); owned: builds an adapter-owned forward.
+    modulated input (TeaCache indicator); owned: builds an adapter-owned forward
+    (owned_modules: the submodules it runs, for its FLOPs).
     """
 
     units: tuple[UnitSpec, ...]
@@ -184,6 +185,7 @@ class BlockSpec:
     two_streams: bool
     modulated: Callable[[nn.Module, dict[str, Any]], torch.Tensor] | None = None
     owned: Callable[..., Callable[..., Any]] | None = None
+    owned_modules: tuple[str, ...] = ()  # the linears of the owned computation (its FLOPs)
     check: Callable[[nn.Module], str | None] = lambda block: None
 
 
@@ -236,7 +238,7 @@ BLOCKS: dict[str, BlockSpec] = {
     ),
     "FluxSingleTransformerBlock": BlockSpec(
         units=(UnitSpec("attn", "attn", "joint", "joint"), UnitSpec("mlp", "", "mlp", "joint")),
-        probes={"attn": FLUX_SINGLE_QK}, two_streams=True, owned=_flux_single_forward,
+        probes={"attn": FLUX_SINGLE_QK}, two_streams=True, owned=_flux_single_forward, owned_modules=("proj_mlp", "proj_out"),
     ),
     "JointTransformerBlock": BlockSpec(
         units=(
@@ -246,6 +248,65 @@ BLOCKS: dict[str, BlockSpec] = {
         probes={"attn": SD3_JOINT_QK, "attn2": ATTENTION_QK}, two_streams=True, modulated=_zero_modulated,
     ),
 }
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """Analytic FLOPs (2 x MACs, METHODS.md E2) of one unit, from the unit's own linear layers.
+
+    ``query`` / ``key`` / ``text``: the summed ``in x out`` weights of the linears
+    applied to the query rows (``to_q``, ``to_out``, every MLP linear), to the key
+    rows (``to_k``, ``to_v``: the image rows of a self-attention, the text of a
+    cross-attention) and to the separate text rows of a joint attention
+    (``add_*_proj``, ``to_add_out``); ``width``: q / v width of the attention products.
+    Like :func:`tokenreduce.measure.count_flops`, norms, softmax, activations and the
+    per-sample adaLN modulation are not counted, so given the rows a call really
+    computed the sum equals what ``FlopCounterMode`` counts in the unit.
+    """
+
+    query: int
+    key: int
+    text: int
+    width: int
+
+    @classmethod
+    def of(cls, modules: list[nn.Module], kind: str) -> UnitCost:
+        weights = {"query": 0, "key": 0, "text": 0}
+        width = 0
+        for module in modules:
+            for name, linear in module.named_modules():
+                if not isinstance(linear, nn.Linear):
+                    continue
+                head = name.split(".")[0]
+                role = "key" if head in ("to_k", "to_v") else "text" if head.startswith("add_") or head == "to_add_out" else "query"
+                weights[role] += linear.in_features * linear.out_features
+                if kind != "mlp" and head == "to_q":
+                    width = linear.out_features
+        return cls(width=width, **weights)
+
+    def flops(self, unit: UnitSpec, batch: int, rows: int, text: int) -> int:
+        """FLOPs of one call on ``rows`` image (or joint) rows with ``text`` text tokens in its keys.
+
+        self: keys are the rows themselves; cross: keys are the ``text`` tokens;
+        joint: the text rows join the sequence (their own projections when the
+        attention has them, Flux double / SD3, else they are already in ``rows``).
+        ``Q K^T`` and ``A V`` cost ``2 Lq Lk width`` each (:func:`tokenreduce.measure.flops`'s SDPA formula).
+        """
+        if unit.kind == "mlp":
+            return 2 * batch * self.query * rows
+        if unit.kind == "cross":
+            queries, keys, key_rows, extra = rows, text, text, 0
+        else:
+            extra = text if unit.kind == "joint" and self.text else 0
+            queries = keys = rows + extra
+            key_rows = rows
+        linear = self.query * rows + self.key * key_rows + self.text * extra
+        return 2 * batch * linear + 4 * batch * queries * keys * self.width
+
+
+def _text_tokens(kwargs: dict[str, Any]) -> int:
+    text = kwargs.get("encoder_hidden_states")
+    return 0 if text is None else text.shape[1]
 
 
 def _patch_grid(model: nn.Module, bound: dict[str, Any]) -> tuple[int, int]:
@@ -363,20 +424,28 @@ class DitAdapter(Adapter):
         run = DiffusionRun(num_steps=lambda: self.scheduler_steps() or config_steps, check_steps=method.check_steps)
         undo: list[Undo] = [self.model.register_forward_pre_hook(self._begin(run, method), with_kwargs=True).remove]
         for info, block, spec in self.layout:
+            units = [(unit, module, self.unit_cost(block, spec, unit, module)) for unit, module in self.units(block, spec)]
             if method.level == "block":
-                undo.append(replace_forward(block, self._block_forward(run, method, info, block, spec)))
+                costs = [(unit, cost) for unit, _, cost in units]
+                undo.append(replace_forward(block, self._block_forward(run, method, info, block, spec, costs)))
                 continue
-            for unit, module in self.units(block, spec):
+            for unit, module, cost in units:
                 if module is None:
-                    owned = spec.owned(block, self._owned_unit(run, method, info, unit))
+                    owned = spec.owned(block, self._owned_unit(run, method, info, unit, cost))
                     undo.append(replace_forward(block, owned))
                     continue
                 probe = None
                 if unit.name in spec.probes and method.wants_probe(unit):
                     probe = AttentionProbe(module, spec.probes[unit.name])
                     undo.extend(probe.install())
-                undo.append(replace_forward(module, self._unit_forward(run, method, info, unit, module, probe)))
+                undo.append(replace_forward(module, self._unit_forward(run, method, info, unit, module, probe, cost)))
         return undo, run
+
+    @staticmethod
+    def unit_cost(block: nn.Module, spec: BlockSpec, unit: UnitSpec, module: nn.Module | None) -> UnitCost:
+        """The analytic cost of one unit of this block instance (an owned computation: its ``owned_modules``)."""
+        modules = [module] if module is not None else [block.get_submodule(name) for name in spec.owned_modules]
+        return UnitCost.of(modules, unit.kind)
 
     def _begin(self, run: DiffusionRun, method: DiffusionMethod) -> Callable[..., None]:
         forward = type(self.model).forward
@@ -391,19 +460,27 @@ class DitAdapter(Adapter):
         return hook
 
     @staticmethod
-    def _unit_forward(run: DiffusionRun, method: DiffusionMethod, info: BlockInfo, unit: UnitSpec, module: nn.Module, probe: AttentionProbe | None) -> Callable[..., Any]:
+    def _unit_forward(
+        run: DiffusionRun, method: DiffusionMethod, info: BlockInfo, unit: UnitSpec, module: nn.Module, probe: AttentionProbe | None, cost: UnitCost
+    ) -> Callable[..., Any]:
         original = module.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             x = _hidden(args, kwargs)
+            text = _text_tokens(kwargs)
+            run.count("flops_full", cost.flops(unit, x.shape[0], x.shape[1], text))
 
             def compute_on(rows_input: torch.Tensor) -> Any:
+                run.count("flops_computed", cost.flops(unit, x.shape[0], rows_input.shape[1], text))
                 if args:
                     return original(rows_input, *args[1:], **kwargs)
                 return original(**{**kwargs, "hidden_states": rows_input})
 
             def compute(rows: torch.Tensor | None) -> Any:
-                return original(*args, **kwargs) if rows is None else compute_on(gather_tokens(x, rows))
+                if rows is not None:
+                    return compute_on(gather_tokens(x, rows))
+                run.count("flops_computed", cost.flops(unit, x.shape[0], x.shape[1], text))
+                return original(*args, **kwargs)
 
             call = UnitCall(block=info, unit=unit, x=x, compute=compute, compute_on=compute_on, probe=probe, kwargs=kwargs)
             return method.unit(run, call)
@@ -411,22 +488,37 @@ class DitAdapter(Adapter):
         return forward
 
     @staticmethod
-    def _owned_unit(run: DiffusionRun, method: DiffusionMethod, info: BlockInfo, unit: UnitSpec) -> Callable[..., torch.Tensor]:
+    def _owned_unit(run: DiffusionRun, method: DiffusionMethod, info: BlockInfo, unit: UnitSpec, cost: UnitCost) -> Callable[..., torch.Tensor]:
         def call(x: torch.Tensor, compute: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
-            return method.unit(run, UnitCall(block=info, unit=unit, x=x, compute=compute, compute_on=None, probe=None, kwargs={}))
+            run.count("flops_full", cost.flops(unit, x.shape[0], x.shape[1], 0))
+
+            def counted(rows: torch.Tensor | None) -> torch.Tensor:
+                run.count("flops_computed", cost.flops(unit, x.shape[0], x.shape[1] if rows is None else rows.shape[1], 0))
+                return compute(rows)
+
+            return method.unit(run, UnitCall(block=info, unit=unit, x=x, compute=counted, compute_on=None, probe=None, kwargs={}))
 
         return call
 
     @staticmethod
-    def _block_forward(run: DiffusionRun, method: DiffusionMethod, info: BlockInfo, block: nn.Module, spec: BlockSpec) -> Callable[..., Any]:
+    def _block_forward(
+        run: DiffusionRun, method: DiffusionMethod, info: BlockInfo, block: nn.Module, spec: BlockSpec, costs: list[tuple[UnitSpec, UnitCost]]
+    ) -> Callable[..., Any]:
         original = block.forward
         signature_of = type(block).forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             bound = _bind(signature_of, (block, *args), kwargs)
             streams = (bound["hidden_states"], bound["encoder_hidden_states"] if spec.two_streams else None)
+            flops = _block_flops(costs, bound["hidden_states"], _text_tokens(bound))
+            run.count("flops_full", flops)
+
+            def run_block() -> Any:
+                run.count("flops_computed", flops)
+                return original(*args, **kwargs)
+
             call = BlockCall(
-                block=info, streams=streams, run=lambda: original(*args, **kwargs),
+                block=info, streams=streams, run=run_block,
                 pack=(lambda h, e: (e, h)) if spec.two_streams else (lambda h, e: h),
                 unpack=(lambda out: (out[1], out[0])) if spec.two_streams else (lambda out: (out, None)),
                 modulated=(lambda: spec.modulated(block, bound)) if spec.modulated is not None else None,
@@ -434,6 +526,16 @@ class DitAdapter(Adapter):
             return method.block(run, call)
 
         return forward
+
+
+def _block_flops(costs: list[tuple[UnitSpec, UnitCost]], hidden: torch.Tensor, text: int) -> int:
+    """Analytic FLOPs of one whole block call: every unit on all of its stream's rows."""
+    batch, n = hidden.shape[:2]
+    total = 0
+    for unit, cost in costs:
+        rows = {"img": n, "txt": text, "joint": n if cost.text else n + text}[unit.stream]
+        total += cost.flops(unit, batch, rows, text)
+    return total
 
 
 def _supported() -> str:

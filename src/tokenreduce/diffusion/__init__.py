@@ -14,6 +14,7 @@ from ..adapters import dit as _dit  # noqa: F401  (registers the adapters)
 # Registration order is the order of ``tr.list_methods()`` and of the generated docs table.
 from ..methods.fora import FORAConfig
 from ..methods.toca import ToCaConfig
+from ..methods.duca import DuCaConfig
 from ..methods.teacache import TeaCacheConfig
 from ..methods.first_block_cache import FirstBlockCacheConfig
 from ..methods.taylorseer import TaylorSeerConfig
@@ -21,5 +22,5 @@ from ..methods.delta_dit import DeltaDiTConfig
 from ..methods.tome_dit import ToMeDiTConfig
 
 __all__ = [
-    "DeltaDiTConfig", "FORAConfig", "FirstBlockCacheConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "ToMeDiTConfig",
+    "DeltaDiTConfig", "DuCaConfig", "FORAConfig", "FirstBlockCacheConfig", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "ToMeDiTConfig",
 ]

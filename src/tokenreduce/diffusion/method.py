@@ -20,6 +20,7 @@ each new generation) and count what they did with ``run.count``.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -152,6 +153,13 @@ def every(step: int, interval: int, warmup: int = 1) -> bool:
     0, 1, 2, 6, 10, ... (ToCa / TaylorSeer on Flux, D1.6).
     """
     return step < warmup or (step - warmup + 1) % interval == 0
+
+
+def unit_generator(seed: int, run: DiffusionRun, call: UnitCall) -> torch.Generator:
+    """A CPU generator seeded by (seed, step, layer, unit): random choices that repeat across generations and
+    do not depend on the batch (every sample of a call draws the same numbers, so batch == one by one)."""
+    key = f"{seed}/{run.call.step}/{call.block.layer}/{call.unit.name}".encode()
+    return torch.Generator().manual_seed(zlib.crc32(key))
 
 
 def check_int(config: ReductionConfig, name: str, low: int) -> None:

@@ -128,12 +128,23 @@ class DiffusionRun:
         self.forwards = 0
 
     def stats(self) -> dict[str, Any]:
-        """Totals since apply / reset, plus the current caches' size."""
+        """Totals since apply / reset, plus the current caches' size.
+
+        ``flops_full`` is what the transformer blocks' cacheable units (attention,
+        cross-attention, MLP) would cost uncached and ``flops_computed`` what was
+        actually computed (recomputed rows, blocks run, score probes), both analytic
+        FLOPs (2 x MACs, METHODS.md E2) counted by the adapter call by call, over
+        every generation since apply / reset; ``flops_ratio`` = computed / full
+        (1 / ratio is the ideal speed-up of the blocks).
+        """
+        counters = dict(self.counters)
+        full = counters.get("flops_full", 0)
         return {
             "forwards": self.forwards,
             "generations": self.clock.generations,
             "steps": self.clock.step + 1,
             "cfg_branches": len(self.branches),
             "cache_bytes": tensor_bytes(self.branches),
-            **dict(self.counters),
+            **counters,
+            "flops_ratio": counters.get("flops_computed", 0) / full if full else None,
         }

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,6 +58,7 @@ class ToCaConfig(ReductionConfig):
     """
 
     method = "toca"
+    scores: ClassVar[tuple[str, ...]] = ("auto", "self_attn", "cross_entropy")  # accepted ``score`` values
     preset: str = "auto"
     interval: int | None = None
     fresh_ratio: float | None = None
@@ -72,7 +73,7 @@ class ToCaConfig(ReductionConfig):
     def validate(self) -> None:
         super().validate()
         check_choice(self, "preset", ("auto", *PRESETS))
-        check_choice(self, "score", ("auto", "self_attn", "cross_entropy"))
+        check_choice(self, "score", self.scores)
         check_int(self, "interval", 1)
         check_int(self, "spatial_cell", 0)
         check_int(self, "num_steps", 1)
@@ -205,6 +206,7 @@ class ToCa(DiffusionMethod):
         with call.probe.capture():
             out = call.compute(rows)
         q, k, segments = call.probe.qk(call.kwargs)
+        run.count("flops_computed", 2 * q.numel() * k.shape[-2])  # the probe's Q K^T (s1 and s2 alike)
         if call.unit.kind == "cross":
             self._update_cross_map(run, call, cross_attention_probs(q, k, call.kwargs.get("attention_mask")), rows)
         else:
@@ -229,15 +231,18 @@ class ToCa(DiffusionMethod):
         mean = (values[:half] + values[half:]) / 2
         return torch.cat([mean, mean])
 
+    def _base_score(self, run: DiffusionRun, call: UnitCall) -> torch.Tensor:
+        """s1 or s2 (D1.4), L2-normalised over the tokens: [B, N] float32."""
+        maps = run.store
+        if self.plan.score == "cross_entropy":
+            return l2_normalize(1.0 + entropy(maps[("s2", call.block.layer)]))
+        return l2_normalize(maps[("s1", call.block.layer)][call.unit.stream])
+
     def _score(self, run: DiffusionRun, call: UnitCall, counter: torch.Tensor) -> torch.Tensor:
         """S = s_base + lambda_3 * s3, then the s4 bonus (D1.4), per sample: [B, N] float32."""
-        plan, store, layer = self.plan, run.store, call.block.layer
+        plan = self.plan
         n = call.x.shape[1]
-        if plan.score == "cross_entropy":
-            base = l2_normalize(1.0 + entropy(store[("s2", layer)]))
-        else:
-            base = l2_normalize(store[("s1", layer)][call.unit.stream])
-        score = self._share(run, base + self.config.soft_fresh_weight * counter.float() / plan.interval)
+        score = self._share(run, self._base_score(run, call) + self.config.soft_fresh_weight * counter.float() / plan.interval)
         grid = run.call.grid
         if plan.spatial_cell and call.unit.stream == "img" and grid[0] * grid[1] == n:
             score = cell_bonus(score, grid, plan.spatial_cell, plan.spatial_bonus)

@@ -13,14 +13,13 @@ protected. Flux is not supported: its rotary positions have no merged value.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...config import ReductionConfig, check_range
-from ...diffusion.method import DiffusionMethod, UnitCall, check_int
+from ...diffusion.method import DiffusionMethod, UnitCall, check_int, unit_generator
 from ...diffusion.state import DiffusionRun
 from ...errors import ConfigError, UnsupportedModelError
 from ...ops.merge import TokenPlan, apply_plan, complement, gather_tokens, output_index
@@ -98,6 +97,8 @@ class ToMeDiT(DiffusionMethod):
         if call.unit.kind not in ("self", "joint") or call.compute_on is None or grid[0] * grid[1] != n or r <= 0:
             return call.compute(None)
         plan = window_plan(call.x, grid, self.config.window, r, self._choice(run, call, grid))
+        batch, _, channels = call.x.shape
+        run.count("flops_computed", 2 * batch * (n - cells) * cells * channels)  # the sources x destinations similarity
         out = call.compute_on(apply_plan(plan, call.x)[0])
         index = unmerge_index(plan, n)
         run.count("merged_tokens", plan.merge_src.numel())
@@ -109,6 +110,5 @@ class ToMeDiT(DiffusionMethod):
         shape = (grid[0] // self.config.window, grid[1] // self.config.window)
         if not self.config.random_dst:
             return torch.zeros(shape, dtype=torch.long, device=call.x.device)
-        key = f"{self.config.seed}/{run.call.step}/{call.block.layer}/{call.unit.name}".encode()
-        generator = torch.Generator().manual_seed(zlib.crc32(key))
+        generator = unit_generator(self.config.seed, run, call)
         return torch.randint(self.config.window**2, shape, generator=generator).to(call.x.device)
