@@ -2,7 +2,7 @@
 
 from .tome import ToMeConfig
 from .evit import EViTConfig
-from .ficoco import FiCoCoVConfig
+from .ficoco import FiCoCoLConfig, FiCoCoVConfig
 from .baselines import PoolingConfig, RandomConfig, UniformConfig
 from .fastervlm import FasterVLMConfig
 from .visionzip import VisionZipConfig
@@ -14,9 +14,11 @@ from .cdpruner import CDPrunerConfig
 from .fastv import FastVConfig
 from .pdrop import PDropConfig
 from .dart import DARTConfig
+from .sparsevlm import SparseVLMConfig
 
 __all__ = [
     "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",
     "ToMeConfig", "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
     "DARTConfig", "FastVConfig", "PDropConfig",
+    "FiCoCoLConfig", "SparseVLMConfig",
 ]
