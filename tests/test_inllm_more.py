@@ -16,7 +16,7 @@ import vlm_fixtures as vf
 from test_inllm_contract import deep_llava
 
 import tokenreduce as tr
-from tokenreduce.methods.ficoco import FiCoCoL
+from tokenreduce.methods.ficoco.language import FiCoCoL
 from tokenreduce.methods.sparsevlm import SparseVLM
 from tokenreduce.ops.scoring import head_mean_logits, text_raters
 

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..methods.inllm import CutSite, DecoderMethod, LayerAttention
+from ..methods.inllm import CutSite, DecoderMethod, LayerAttention, visible_keys
 from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
@@ -90,21 +90,6 @@ def _register_probe_attention() -> None:
 
     AttentionInterface.register(PROBE_ATTENTION, probe_attention)
     AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
-
-
-def visible_keys(attention_mask: torch.Tensor | None, rows: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
-    """[B, R, keys] bool: the keys query rows ``rows[b]`` ([B] or [B, R]) may attend, read from the mask the layer received.
-
-    A None mask means plain causal attention (SDPA's ``is_causal``): a row sees the
-    keys up to its own position.
-    """
-    rows = rows.view(rows.shape[0], -1)
-    if attention_mask is None:
-        limit = rows + (keys - queries)
-        return torch.arange(keys, device=rows.device) <= limit[..., None]
-    rows_mask = attention_mask[:, 0].expand(rows.shape[0], -1, -1)
-    row = rows_mask.gather(1, rows[..., None].expand(-1, -1, attention_mask.shape[-1]))
-    return row if row.dtype == torch.bool else row == 0
 
 
 def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:

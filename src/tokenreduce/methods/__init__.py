@@ -2,7 +2,7 @@
 
 from .tome import ToMeConfig
 from .evit import EViTConfig
-from .ficoco import FiCoCoLConfig, FiCoCoVConfig
+from .ficoco import FiCoCoVConfig
 from .baselines import PoolingConfig, RandomConfig, UniformConfig
 from .fastervlm import FasterVLMConfig
 from .visionzip import VisionZipConfig
@@ -15,6 +15,7 @@ from .fastv import FastVConfig
 from .pdrop import PDropConfig
 from .dart import DARTConfig
 from .sparsevlm import SparseVLMConfig
+from .ficoco.language import FiCoCoLConfig
 
 __all__ = [
     "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",

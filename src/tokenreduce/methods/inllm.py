@@ -53,6 +53,21 @@ class CutSite:
     row_probe: RowProbe
 
 
+def visible_keys(attention_mask: torch.Tensor | None, rows: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
+    """[B, R, keys] bool: the keys query rows ``rows[b]`` ([B] or [B, R]) may attend, read from the mask the layer received.
+
+    A None mask means plain causal attention (SDPA's ``is_causal``): a row sees the
+    keys up to its own position.
+    """
+    rows = rows.view(rows.shape[0], -1)
+    if attention_mask is None:
+        limit = rows + (keys - queries)
+        return torch.arange(keys, device=rows.device) <= limit[..., None]
+    rows_mask = attention_mask[:, 0].expand(rows.shape[0], -1, -1)
+    row = rows_mask.gather(1, rows[..., None].expand(-1, -1, attention_mask.shape[-1]))
+    return row if row.dtype == torch.bool else row == 0
+
+
 @dataclass(frozen=True)
 class LayerAttention:
     """One decoder layer's attention inputs during a prefill, as the probe sees them (P2, METHODS.md sec. 0.4).
@@ -82,8 +97,6 @@ class LayerAttention:
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows [B, R] (current indices) -> (q [B, H, R, d], valid [B, R, N] keys each row may see)."""
-        from ..adapters.decoder import visible_keys
-
         heads, dim = self.query.shape[1], self.query.shape[-1]
         picked = self.query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))
         return picked, visible_keys(self.mask, rows, self.query.shape[2], self.key.shape[2])
