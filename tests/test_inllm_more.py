@@ -54,6 +54,18 @@ def instruction(ids, mask, b: int) -> list[int]:
     return [t for t in range(last_image + 1, ids.shape[1]) if mask[b, t]]
 
 
+def raters_of(embeds, ids, mask, b: int) -> torch.Tensor:
+    """SparseVLM's raters of sample b: instruction tokens above the mean visual-to-text softmax relevance (all if none is)."""
+    image = (ids[b] == vf.IMAGE_TOKEN).nonzero()[:, 0]
+    text = torch.tensor(instruction(ids, mask, b))
+    relevance = (embeds[b, image] @ embeds[b, text].T).softmax(dim=-1).mean(dim=0)
+    return text[relevance > relevance.mean()] if (relevance > relevance.mean()).any() else text
+
+
+def top_of(score: torch.Tensor, columns: torch.Tensor, k: int) -> list[int]:
+    return sorted(columns[score[columns].topk(k).indices].tolist())
+
+
 def test_sparsevlm_keeps_the_top_of_the_raters_eager_attention(model, batch):
     """Raters from the input embeddings, then the eager attention of layer 0 (2 of 32 scaled to 4 layers), rater- and head-mean."""
     ids, mask = batch
@@ -61,18 +73,48 @@ def test_sparsevlm_keeps_the_top_of_the_raters_eager_attention(model, batch):
     embeds, _, attentions = unreduced(model, ids, mask, pixels, eager=True)
     expected = []
     for b in range(len(ids)):
-        image = (ids[b] == vf.IMAGE_TOKEN).nonzero()[:, 0]
-        text = torch.tensor(instruction(ids, mask, b))
-        relevance = (embeds[b, image] @ embeds[b, text].T).softmax(dim=-1).mean(dim=0)
-        raters = text[relevance > relevance.mean()] if (relevance > relevance.mean()).any() else text
-        score = attentions[0][b][:, raters].mean(dim=0).mean(dim=0)  # heads, then raters
-        expected.append(sorted(image[score[image].topk(100).indices].tolist()))
+        score = attentions[0][b][:, raters_of(embeds, ids, mask, b)].mean(dim=0).mean(dim=0)  # heads, then raters
+        expected.append(top_of(score, (ids[b] == vf.IMAGE_TOKEN).nonzero()[:, 0], 100))
     with tr.apply(model, tr.SparseVLMConfig(schedule=(100, 50, 20))) as handle:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         kept = handle.stats()["kept"]
     assert kept[1] == expected
     assert all(set(later) <= set(earlier) for layer in (2, 3) for later, earlier in zip(kept[layer], kept[layer - 1]))
+
+
+def test_sparsevlm_second_cut_scores_the_reduced_sequence_like_eager_attention_with_the_dropped_tokens_masked(model, batch):
+    """After a cut, the raters' rows of layer 1 over the survivors equal eager attention at full length with dropped columns masked."""
+    ids, mask = batch
+    pixels = vf.pixels(3, seed=9)
+    with tr.apply(model, tr.SparseVLMConfig(schedule=(100, 50, 20))) as handle:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept = handle.stats()["kept"]
+    eager = copy.deepcopy(model)
+    eager.config.text_config._attn_implementation = "eager"
+    embeds, _, _ = unreduced(model, ids, mask, pixels)
+    language = eager.model.language_model
+    batch_size, length = ids.shape
+    positions = torch.arange(length).expand(batch_size, length)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    dropped = ids == vf.IMAGE_TOKEN
+    for b, row in enumerate(kept[1]):
+        dropped[b, row] = False
+    weights = {}
+    hook = language.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: weights.update(layer1=out[1]))
+    try:
+        with torch.no_grad():
+            rope = language.rotary_emb(embeds, position_ids=positions)
+            hidden = language.layers[0](embeds, attention_mask=torch.where(allowed | torch.eye(length, dtype=torch.bool), 0.0, -torch.inf)[:, None],
+                                        position_embeddings=rope, position_ids=positions)
+            allowed = (allowed & ~dropped[:, None, :]) | torch.eye(length, dtype=torch.bool)
+            language.layers[1](hidden, attention_mask=torch.where(allowed, 0.0, -torch.inf)[:, None], position_embeddings=rope, position_ids=positions)
+    finally:
+        hook.remove()
+    for b in range(batch_size):
+        score = weights["layer1"][b][:, raters_of(embeds, ids, mask, b)].mean(dim=0).mean(dim=0)
+        assert kept[2][b] == top_of(score, torch.tensor(kept[1][b]), 50)
 
 
 def test_sparsevlm_defaults_are_the_official_schedules():
