@@ -50,6 +50,7 @@ through :func:`~tokenreduce.ops.merge.apply_plan` (the one merge kernel), so the
 discarded visual tokens are folded into kept ones (FiCoCo-L) rather than only
 dropped; positions, masks and the cache follow the plan's kept tokens as they
 follow a plain cut.
+
 ``remove()`` restores the implementation name and every hook.
 """
 
