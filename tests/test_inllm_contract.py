@@ -6,6 +6,7 @@ Each case: (zero-strength config, active config, visual tokens per decoder layer
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tokenreduce.adapters import decoder
 from tokenreduce.methods.dart import DART
 from tokenreduce.methods.pdrop import PDrop
 from tokenreduce.ops.matching import least_duplicated
+from tokenreduce.ops.merge import TokenPlan
 from tokenreduce.ops.scoring import query_rows_attention
 
 LAYERS = 4
@@ -26,7 +28,11 @@ CASES = {
     "fastv": (tr.FastVConfig(ratio=0.0), tr.FastVConfig(layer=2, keep=40), [144, 144, 40, 40]),
     "pdrop": (tr.PDropConfig(layers=(1, 2, 3), lam=1.0), tr.PDropConfig(layers=(1, 2, 3), lam=0.5), [144, 72, 36, 18]),
     "dart": (tr.DARTConfig(ratio=0.0), tr.DARTConfig(layer=2, keep=30), [144, 144, 30, 30]),
+    # 2 / 6 / 15 of 32 layers scale to 0 / 1 / 2 of 4: cuts at 1 / 2 / 3
+    "sparsevlm": (tr.SparseVLMConfig(schedule=(144, 144, 144)), tr.SparseVLMConfig(schedule=(100, 50, 20)), [144, 100, 50, 20]),
+    "ficoco_l": (tr.FiCoCoLConfig(start_layer=0, r=0), tr.FiCoCoLConfig(start_layer=0), [144, 144, 130, 116]),
 }
+MERGING = {"ficoco_l"}  # folds discarded tokens into kept ones: not equal to masking them
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
 
 
@@ -135,7 +141,7 @@ def masked_oracle(model, ids, mask, pixels, kept: dict[int, list[list[int]]]) ->
         return model.lm_head(language.norm(hidden))[:, -1]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", sorted(set(CASES) - MERGING))
 def test_dropping_equals_masking_at_original_positions(model, prompts, case):
     ids, mask = vf.batch(prompts)
     pixels = vf.pixels(3, seed=3)
@@ -146,12 +152,32 @@ def test_dropping_equals_masking_at_original_positions(model, prompts, case):
     torch.testing.assert_close(logits, masked_oracle(model, ids, mask, pixels, kept), rtol=1e-4, atol=1e-5)
 
 
-def pin_selection(handle, kept: dict[int, list[list[int]]]) -> None:
-    """Make the method keep the given original visual columns at each cut, whatever the scores."""
+def record_selection(handle) -> dict[int, tuple[int, torch.Tensor | TokenPlan]]:
+    """Record what the method's cuts return in the next prefill: (sequence length, kept indices or plan) by layer."""
+    recorded, select = {}, handle.method.select
+
+    def recording(site):
+        recorded.setdefault(site.layer, (site.hidden.shape[1], select(site)))
+        return recorded[site.layer][1]
+
+    handle.method.select = recording
+    return recorded
+
+
+def replay_selection(handle, recorded: dict[int, tuple[int, torch.Tensor | TokenPlan]]) -> None:
+    """Make every later cut repeat the recorded one, whatever the scores.
+
+    A no-cache ``generate`` re-runs the prompt (same padding, same indices) with the new
+    tokens appended after it: kept visual indices stay valid, and a plan also keeps
+    the appended tokens, which come after every output it merges into.
+    """
 
     def select(site):
-        wanted = torch.tensor(kept[site.layer])
-        return torch.stack([(site.columns[b][:, None] == wanted[b][None]).any(1).nonzero()[:, 0] for b in range(len(wanted))])
+        length, choice = recorded[site.layer]
+        if not isinstance(choice, TokenPlan):
+            return choice
+        appended = torch.arange(length, site.hidden.shape[1]).expand(choice.keep.shape[0], -1)
+        return dataclasses.replace(choice, keep=torch.cat([choice.keep, appended], dim=1))
 
     handle.method.select = select
 
@@ -159,8 +185,9 @@ def pin_selection(handle, kept: dict[int, list[list[int]]]) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_generate_equals_recomputation_with_the_same_kept_set(model, prompts, case):
     with tr.apply(model, CASES[case][1]) as handle:
+        recorded = record_selection(handle)
         _, cached = run(model, prompts, vf.pixels(3))
-        pin_selection(handle, handle.stats()["kept"])
+        replay_selection(handle, recorded)
         _, recomputed = run(model, prompts, vf.pixels(3), use_cache=False)
     assert torch.equal(cached, recomputed)
 
@@ -356,6 +383,16 @@ def test_pdrop_defaults_and_budget_solver():
     (lambda: tr.PDropConfig(layers=(1,), ratios=(0.5,), keep=10), r"give ratios or a budget"),
     (lambda: tr.DARTConfig(image_pivots=0, text_pivots=0), r"at least one pivot"),
     (lambda: tr.DARTConfig(layer=0), r"layer=0 is invalid"),
+    (lambda: tr.SparseVLMConfig(schedule=(50, 100, 20)), r"schedule=\(50, 100, 20\) must not increase"),
+    (lambda: tr.SparseVLMConfig(schedule=(50, 20)), r"one kept count per pruning layer \(3\)"),
+    (lambda: tr.SparseVLMConfig(schedule=(50, 0, 0)), r"kept counts are ints >= 1"),
+    (lambda: tr.SparseVLMConfig(keep=100), r"keep=100 has no official schedule; use one of \[64, 128, 192\]"),
+    (lambda: tr.SparseVLMConfig(layers=(6, 2, 15)), r"layers=\(6, 2, 15\) must be strictly increasing"),
+    (lambda: tr.FiCoCoLConfig(r=3, keep=10), r"give one of r=..., keep=... or ratio=..."),
+    (lambda: tr.FiCoCoLConfig(beta=1.5), r"beta=1.5 is invalid"),
+    (lambda: tr.FiCoCoLConfig(task="both"), r"task='both' is invalid; accepted: text_to_visual, visual_to_text"),
+    (lambda: tr.FiCoCoLConfig(compress="mean"), r"compress='mean' is invalid"),
+    (lambda: tr.FiCoCoLConfig(start_layer=-1), r"start_layer=-1 is invalid"),
 ])
 def test_bad_schedules_are_refused(config, message):
     with pytest.raises(tr.ConfigError, match=message):
@@ -366,6 +403,10 @@ def test_bad_schedules_are_refused(config, message):
     (lambda: tr.PDropConfig(layers=(8, 16, 24)), r"layers\[0\]=8 is out of range; this model's decoder has layers 0..3"),
     (lambda: tr.PDropConfig(layers=(1, 4)), r"layers\[1\]=4 is out of range"),
     (lambda: tr.DARTConfig(layer=4), r"layer=4 is out of range"),
+    (lambda: tr.SparseVLMConfig(layers=(2, 6, 15)), r"layers\[1\]=6 is out of range; this model's decoder has layers 0..3 and a pruning layer needs a layer after it \(<= 2\)"),
+    (lambda: tr.SparseVLMConfig(schedule=(200, 100, 50)), r"schedule=\(200, 100, 50\) keeps more than the 144 visual tokens"),
+    (lambda: tr.FiCoCoLConfig(), r"start_layer=4 leaves no layer to reduce in this 4-layer decoder"),
+    (lambda: tr.FiCoCoLConfig(start_layer=0, r=100), r"cannot remove 200 of 144 tokens over 2 layers"),
 ])
 def test_cut_layers_beyond_the_decoder_leave_the_model_untouched(model, prompts, reference, config, message):
     with pytest.raises(tr.ConfigError, match=message):

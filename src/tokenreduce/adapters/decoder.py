@@ -34,12 +34,23 @@ Scores. The LLM's attention implementation is switched to ``tokenreduce_sdpa``
 (registered in transformers' ``AttentionInterface`` and, with the SDPA mask
 builder, in ``AttentionMaskInterface``): it calls the registered ``sdpa`` function
 unchanged and, at the layers a method observes during a prefill, hands the
-method the last real token's query row and the layer's keys (after RoPE), from
-which it keeps only what it needs (a [B, N] row, key norms). The full attention
-map is never formed. A method that scores a cut with the cut layer's *own*
+method the layer's queries and keys (after RoPE) with the current visual and
+text masks (:class:`~tokenreduce.methods.inllm.LayerAttention`), from which it
+computes only what its card needs: the last token's row (FastV), key norms
+(DART), the rows of the text raters (SparseVLM), or the visual x visual, visual x
+text and text x visual blocks (FiCoCo-L). The full attention map is never
+formed. A method that scores a cut with the cut layer's *own*
 attention (PyramidDrop) cannot wait for that layer to run; it gets probe P2
 instead: the layer's input norm, q/k projections and RoPE applied to the hidden
 states entering it, for the last token's row only (:func:`_row_probe`).
+
+Merging. A method's cut may return a :class:`~tokenreduce.ops.merge.TokenPlan`
+instead of kept indices: the hidden states entering the cut layer then go
+through :func:`~tokenreduce.ops.merge.apply_plan` (the one merge kernel), so the
+discarded visual tokens are folded into kept ones (FiCoCo-L) rather than only
+dropped; positions, masks and the cache follow the plan's kept tokens as they
+follow a plain cut.
+
 ``remove()`` restores the implementation name and every hook.
 """
 
@@ -54,8 +65,8 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..methods.inllm import CutSite, DecoderMethod
-from ..ops.merge import gather_tokens, last_true, output_index, true_indices
+from ..methods.inllm import CutSite, DecoderMethod, LayerAttention, visible_keys
+from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
 PROBE_ATTENTION = "tokenreduce_sdpa"
@@ -80,20 +91,6 @@ def _register_probe_attention() -> None:
 
     AttentionInterface.register(PROBE_ATTENTION, probe_attention)
     AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
-
-
-def visible_keys(attention_mask: torch.Tensor | None, rows: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
-    """[B, 1, keys] bool: the keys query row ``rows[b]`` may attend, read from the mask the layer received.
-
-    A None mask means plain causal attention (SDPA's ``is_causal``): the row sees the
-    keys up to its own position.
-    """
-    if attention_mask is None:
-        limit = rows + (keys - queries)
-        return (torch.arange(keys, device=rows.device) <= limit[:, None]).unsqueeze(1)
-    rows_mask = attention_mask[:, 0].expand(len(rows), -1, -1)
-    row = rows_mask.gather(1, rows[:, None, None].expand(-1, 1, attention_mask.shape[-1]))
-    return row if row.dtype == torch.bool else row == 0
 
 
 def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -130,6 +127,13 @@ class Pass:
     stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     past: int = 0  # decode: tokens in layer 0's cache before this step
     length: int = 0  # prefill: prompt length before any cut
+    inputs: torch.Tensor | None = None  # prefill: [B, L, C] the decoder's input embeddings
+    input_visual: torch.Tensor | None = None  # prefill: [B, L] bool, visual tokens of the prompt
+
+    def text(self) -> torch.Tensor:
+        """[B, N] bool: the current real (unpadded) non-visual tokens."""
+        real = self.mask2d.gather(1, self.columns).bool() if self.mask2d is not None else torch.ones_like(self.visual)
+        return real & ~self.visual
 
 
 @dataclass
@@ -214,10 +218,12 @@ class DecoderRun:
         if all(keep >= n for _, keep in cuts):
             return
         device = visual.device
+        inputs = embeds if embeds is not None else self.decoder.get_input_embeddings()(kwargs.get("input_ids", args[0] if args else None))
         self.current = Pass(
             decode=False, mask2d=mask2d, visual=visual,
             columns=torch.arange(length, device=device).expand(batch, length),
             query=last_real_token(mask2d, batch, length, device), cuts=dict(cuts), length=length,
+            inputs=inputs, input_visual=visual,
         )
 
     def _record_schedule(self, n: int, length: int, cuts: list[tuple[int, int]]) -> None:
@@ -250,23 +256,26 @@ class DecoderRun:
     def _cut(self, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         run = self.current
         batch, n = hidden.shape[:2]
-        mask2d = run.mask2d.gather(1, run.columns) if run.mask2d is not None else None
-        real = mask2d.bool() if mask2d is not None else torch.ones_like(run.visual)
         full_embeddings = kwargs["position_embeddings"]
         embeddings = run.position_embeddings if run.cut else full_embeddings
         mask = run.attention_mask if run.cut else kwargs.get("attention_mask")
         site = CutSite(
-            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=real & ~run.visual, query=run.query, keep=run.cuts[layer],
+            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text(), query=run.query, keep=run.cuts[layer],
             observed=run.observed, final_norm=self.decoder.norm,
             row_probe=lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask),
         )
-        survivors = (~run.visual).scatter(1, self.method.select(site), True)
-        keep = true_indices(survivors, n - int(run.visual[0].sum()) + run.cuts[layer])
+        count = n - int(run.visual[0].sum()) + run.cuts[layer]
+        choice = self.method.select(site)
+        if isinstance(choice, TokenPlan):
+            keep = choice.keep
+            _check_plan(choice, run.visual, count)
+        else:
+            keep = true_indices((~run.visual).scatter(1, choice, True), count)
         run.query = output_index(keep, n).gather(1, run.query[:, None])[:, 0]
         run.columns, run.visual = run.columns.gather(1, keep), run.visual.gather(1, keep)
         run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in full_embeddings)
         run.position_ids = _gather_ids(kwargs["position_ids"], run.columns)
-        hidden = gather_tokens(hidden, keep)
+        hidden = apply_plan(choice, hidden)[0] if isinstance(choice, TokenPlan) else gather_tokens(hidden, keep)
         cache = kwargs.get("past_key_values")
         run.attention_mask = self._mask(layer, hidden, run.mask2d.gather(1, run.columns) if run.mask2d is not None else None, cache)
         run.cut = True
@@ -306,10 +315,12 @@ class DecoderRun:
             run = self.current
             if run is None or run.decode:
                 return
-            rows = run.query
-            query_rows = query.gather(2, rows[:, None, None, None].expand(-1, query.shape[1], 1, query.shape[-1]))
-            valid = visible_keys(attention_mask, rows, query.shape[2], key.shape[2])
-            run.observed[layer] = self.method.observe(layer, query_rows, key, valid, scale)
+            attention = LayerAttention(
+                query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
+                columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
+                input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
+            )
+            run.observed[layer] = self.method.observe_attention(layer, attention)
 
         return observe
 
@@ -348,6 +359,16 @@ def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embed
     query, _ = rope(query, query, gather_tokens(cos, rows[:, None]), gather_tokens(sin, rows[:, None]))
     _, key = rope(key, key, cos, sin)
     return query, key, visible_keys(attention_mask, rows, n, n), attention.scaling
+
+
+def _check_plan(plan: TokenPlan, visual: torch.Tensor, count: int) -> None:
+    """A cut's plan keeps every non-visual token and the scheduled visual ones, and appends nothing."""
+    kept_text = (~visual).gather(1, plan.keep).sum(dim=1)
+    if plan.new_tokens or plan.keep.shape[1] != count or bool((kept_text != (~visual).sum(dim=1)).any()):
+        raise RuntimeError(
+            f"tokenreduce: a cut's TokenPlan must keep all {int((~visual[0]).sum())} non-visual tokens plus the scheduled "
+            f"visual ones ({count} in all) and append none; got {plan.keep.shape[1]} kept and {plan.new_tokens} appended"
+        )
 
 
 def _check_cache(cache: Any) -> None:

@@ -14,9 +14,12 @@ from .cdpruner import CDPrunerConfig
 from .fastv import FastVConfig
 from .pdrop import PDropConfig
 from .dart import DARTConfig
+from .sparsevlm import SparseVLMConfig
+from .ficoco.language import FiCoCoLConfig
 
 __all__ = [
     "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",
     "ToMeConfig", "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
     "DARTConfig", "FastVConfig", "PDropConfig",
+    "FiCoCoLConfig", "SparseVLMConfig",
 ]

@@ -2,11 +2,13 @@
 
 An in-LLM method states *where* it cuts and *how many* visual tokens survive each
 cut (:meth:`DecoderMethod.cuts`, solved from the user's budget), *what* it must see
-of an earlier layer's attention (:meth:`DecoderMethod.observe`, fed by the
-attention-function probe) and *which* visual tokens it keeps at a cut
-(:meth:`DecoderMethod.select`). Slicing hidden states, positions, masks and the
-KV cache is the decoder machinery's job (``adapters/decoder.py``); methods never
-see a module.
+of an earlier layer's attention (:meth:`DecoderMethod.observe_attention`, fed by
+the attention-function probe with that layer's q and k, :class:`LayerAttention`)
+and *which* visual tokens it keeps at a cut (:meth:`DecoderMethod.select`: kept
+indices, or a :class:`~tokenreduce.ops.merge.TokenPlan` that also folds the
+discarded visual tokens into kept ones through the one merge kernel). Slicing
+hidden states, positions, masks and the KV cache is the decoder machinery's job
+(``adapters/decoder.py``); methods never see a module.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..ops.merge import TokenPlan, kept_first, last_true
 from .base import Method
 
 RowProbe = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
@@ -50,6 +53,55 @@ class CutSite:
     row_probe: RowProbe
 
 
+def visible_keys(attention_mask: torch.Tensor | None, rows: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
+    """[B, R, keys] bool: the keys query rows ``rows[b]`` ([B] or [B, R]) may attend, read from the mask the layer received.
+
+    A None mask means plain causal attention (SDPA's ``is_causal``): a row sees the
+    keys up to its own position.
+    """
+    rows = rows.view(rows.shape[0], -1)
+    if attention_mask is None:
+        limit = rows + (keys - queries)
+        return torch.arange(keys, device=rows.device) <= limit[..., None]
+    rows_mask = attention_mask[:, 0].expand(rows.shape[0], -1, -1)
+    row = rows_mask.gather(1, rows[..., None].expand(-1, -1, attention_mask.shape[-1]))
+    return row if row.dtype == torch.bool else row == 0
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """One decoder layer's attention inputs during a prefill, as the probe sees them (P2, METHODS.md sec. 0.4).
+
+    query [B, H, N, d] and key [B, H_kv, N, d] are the layer's own, after RoPE, for
+    the N current tokens; mask is the attention mask the layer received (None =
+    plain causal); scale the softmax scale. visual / text: [B, N] bool, the visual
+    tokens still present and the real non-visual tokens; last: [B] each sample's
+    last real token; columns: [B, N] original column of each current token.
+    inputs: [B, L0, C] the decoder's input embeddings before any cut, with
+    input_visual / input_text: [B, L0] bool masks over them (for scores defined on
+    the prompt, as SparseVLM's raters). Nothing here is an attention map: a
+    method computes only the rows and columns its card needs.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+    visual: torch.Tensor
+    text: torch.Tensor
+    last: torch.Tensor
+    columns: torch.Tensor
+    inputs: torch.Tensor
+    input_visual: torch.Tensor
+    input_text: torch.Tensor
+
+    def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query rows [B, R] (current indices) -> (q [B, H, R, d], valid [B, R, N] keys each row may see)."""
+        heads, dim = self.query.shape[1], self.query.shape[-1]
+        picked = self.query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))
+        return picked, visible_keys(self.mask, rows, self.query.shape[2], self.key.shape[2])
+
+
 class DecoderMethod(Method):
     """Base of in-LLM methods: prefill-time cuts of visual tokens, decode steps follow the pruned cache."""
 
@@ -71,8 +123,22 @@ class DecoderMethod(Method):
         """Keep what :meth:`select` needs from layer ``layer``'s attention (the last token's row q [B, H, 1, d], keys)."""
         raise NotImplementedError
 
-    def select(self, site: CutSite) -> torch.Tensor:
-        """[B, site.keep] indices (into the current sequence) of the visual tokens that survive the cut."""
+    def observe_attention(self, layer: int, attention: LayerAttention) -> Any:
+        """Keep what :meth:`select` needs from layer ``layer``'s q and k; by default the last token's row (:meth:`observe`).
+
+        Methods scored by several query rows (SparseVLM's raters) or by visual/text
+        blocks (FiCoCo-L) override this and take what they need from ``attention``.
+        """
+        query_rows, valid = attention.rows(attention.last[:, None])
+        return self.observe(layer, query_rows, attention.key, valid, attention.scale)
+
+    def select(self, site: CutSite) -> torch.Tensor | TokenPlan:
+        """The cut: [B, site.keep] indices (into the current sequence) of the visual tokens that survive, or a plan.
+
+        A :class:`TokenPlan` over the current sequence must keep every non-visual
+        token and ``site.keep`` visual ones, append no tokens, and may fold the
+        discarded visual tokens into kept tokens (``merge_src`` / ``merge_dst``).
+        """
         raise NotImplementedError
 
     def check_cut_layer(self, layer: int, field: str) -> int:
@@ -88,3 +154,12 @@ class DecoderMethod(Method):
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:
     """The ``keep`` highest-scoring visual tokens per sample: scores [B, N], visual [B, N] bool -> [B, keep] ascending."""
     return scores.float().masked_fill(~visual, -torch.inf).topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def query_text(text: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The instruction: real text tokens after each sample's last visual token, [B, T] indices and [B, T] validity.
+
+    Samples have different instruction lengths, so rows are padded (``valid`` False) to the longest one.
+    """
+    after = torch.arange(visual.shape[1], device=visual.device) > last_true(visual)[:, None]
+    return kept_first(text & after)

@@ -79,6 +79,19 @@ def quantile_targets(correlation: torch.Tensor, epsilon: float) -> tuple[torch.T
     return top_index, weights
 
 
+def quantile_fold(keep: torch.Tensor, n: int, candidates: torch.Tensor, correlation: torch.Tensor, epsilon: float) -> TokenPlan:
+    """FiCoCo's correlate + compress plan (arXiv 2411.17686, eqs. 5-7), shared by FiCoCo-V and FiCoCo-L.
+
+    keep: [B, K] ascending kept indices of n tokens; candidates: [B, M] the indices a
+    discarded token may fold into; correlation: [B, n-K, M], the scores of each
+    discarded token (``complement(keep, n)`` order) over the candidates. Targets and
+    weights come from :func:`quantile_targets`; every discarded token is folded.
+    """
+    slots, weights = quantile_targets(correlation, epsilon)
+    targets = torch.gather(candidates.unsqueeze(1).expand(-1, correlation.shape[1], -1), 2, slots)
+    return plan_fold(keep, n, targets, weights)
+
+
 def plan_prune(keep: torch.Tensor) -> TokenPlan:
     """A plan that keeps ``keep`` and drops every other token."""
     return TokenPlan(keep=keep)

@@ -168,3 +168,32 @@ def query_rows_attention(query_rows: torch.Tensor, key: torch.Tensor, scale: flo
     key = key.float().repeat_interleave(query_rows.shape[1] // key.shape[1], dim=1)
     logits = (query_rows.float() @ key.transpose(-1, -2)) * scale  # [B, H, R, N]
     return logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1).mean(dim=1)
+
+
+def head_mean_logits(query_rows: torch.Tensor, key_columns: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean pre-softmax, pre-mask logits of chosen query rows over chosen key columns: [B, R, C].
+
+    query_rows: [B, H, R, d]; key_columns: [B, H_kv, C, d] (grouped-query heads expanded
+    as ``repeat_kv`` does). The mean over heads of q_h . k_h equals one dot product of
+    the heads concatenated, divided by H, so no per-head [B, H, R, C] map is formed.
+    FiCoCo-L's blocks (arXiv 2411.17686, sec. 3.3; METHODS.md C5.1) are these logits.
+    """
+    heads = query_rows.shape[1]
+    key_columns = key_columns.repeat_interleave(heads // key_columns.shape[1], dim=1)
+    return (merge_heads(query_rows.float())[:, 0] @ merge_heads(key_columns.float())[:, 0].transpose(-1, -2)) * (scale / heads)
+
+
+def text_raters(visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters (arXiv 2410.04417, sec. 3.2; official v1.5 code): [B, T] bool.
+
+    visual: [B, V, C] and text: [B, T, C] are the LLM's input embeddings; text_valid
+    [B, T] marks real text. Each visual token's dot products with the text tokens
+    are softmaxed over the text, the result is averaged over the visual tokens, and
+    the text tokens above the mean of that relevance are the raters. Where no token
+    is above the mean (one text token, or all equal) every valid text token rates.
+    """
+    logits = (visual.float() @ text.float().transpose(-1, -2)).masked_fill(~text_valid[:, None], -torch.inf)
+    relevance = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, T]
+    mean = (relevance * text_valid).sum(dim=-1, keepdim=True) / text_valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    raters = text_valid & (relevance > mean)
+    return torch.where(raters.any(dim=-1, keepdim=True), raters, text_valid)

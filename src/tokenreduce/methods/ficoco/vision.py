@@ -28,7 +28,7 @@ from ...budget import fit_caps, proportional, tokens_to_remove
 from ...config import BudgetConfig, check_choice, check_range
 from ...errors import ConfigError
 from ...merge_slot import Site
-from ...ops.matching import keep_top, plan_fold, quantile_targets
+from ...ops.matching import keep_top, quantile_fold
 from ...ops.merge import TokenPlan, complement, gather_tokens
 from ...ops.scoring import attention_logits, grid_cells, l2_normalize, mean_key_logits, window_penalty
 from ...registry import register_method
@@ -117,6 +117,4 @@ class FiCoCoV(VitMethod):
         discard = complement(keep, n)
         rows = gather_tokens(logits, discard)  # [B, D, N]
         correlation = torch.gather(rows, 2, candidates.unsqueeze(1).expand(-1, discard.shape[1], -1))
-        slots, weights = quantile_targets(correlation, config.epsilon)
-        targets = torch.gather(candidates.unsqueeze(1).expand(-1, discard.shape[1], -1), 2, slots)
-        return plan_fold(keep, n, targets, weights)
+        return quantile_fold(keep, n, candidates, correlation, config.epsilon)
