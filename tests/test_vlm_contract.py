@@ -26,7 +26,7 @@ CASES = {
     "prumerge_plus": (tr.PruMergePlusConfig(ratio=0.0), tr.PruMergePlusConfig(keep=16), 16),
     "cdpruner": (tr.CDPrunerConfig(ratio=0.0), tr.CDPrunerConfig(keep=16), 16),
 }
-MAKE_NEW_TOKENS = {"evit", "pooling", "visionzip"}  # a fused / pooled / contextual token is no surviving patch
+MAKE_NEW_TOKENS = {"evit", "pooling", "visionzip", "prumerge", "prumerge_plus"}  # a fused / pooled / contextual / collecting token is no surviving patch
 FIXTURES = {"llava": lambda: vf.llava(), "llava_full_last": lambda: vf.llava(feature_layer=-1, strategy="full")}
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
 
@@ -97,7 +97,8 @@ def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case,
         tokens, logits = generate_with_logits(model, *vf.batch(prompts), pixel_values=pixels)
         slots = handle.stats()["visual_slots"]
         with torch.no_grad():  # the visual tokens of a forward with the same prompts (CDPruner's selection depends on them)
-            features = model(*vf.batch(prompts), pixel_values=pixels).image_hidden_states
+            ids, mask = vf.batch(prompts)
+            features = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).image_hidden_states
     starts = [p.index(vf.IMAGE_TOKEN) for p in prompts]
     kept = [[i for i, t in enumerate(p) if t != vf.IMAGE_TOKEN or i - start < keep] for p, start in zip(prompts, starts)]
     ids, mask = vf.batch([[p[i] for i in columns] for p, columns in zip(prompts, kept)])
@@ -131,9 +132,8 @@ def test_original_positions_equal_masking_out_the_removed_patches(model, prompts
     step, step_mask = torch.full((len(prompts), 1), 9), torch.ones(len(prompts), 1, dtype=mask.dtype)
     with tr.apply(model, CASES[case][1]) as handle, torch.no_grad():
         prefill = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        features, alive = prefill.image_hidden_states, handle.surviving_patches()  # as the prompt selected them (CDPruner)
         decode = model(input_ids=step, attention_mask=torch.cat([mask, step_mask], 1), past_key_values=prefill.past_key_values)
-        features = torch.cat(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
-        alive = handle.surviving_patches()
     if vf.placeholders(model) > vf.IMAGE_TOKENS:  # [CLS] has the first placeholder
         alive = torch.cat([torch.ones_like(alive[:, :1]), alive], dim=1)
     image = ids == vf.IMAGE_TOKEN
@@ -227,8 +227,10 @@ def adaptive_pixels():
 
 @pytest.mark.parametrize("config", [tr.PruMergeConfig(), tr.PruMergePlusConfig()], ids=["prumerge", "prumerge_plus"])
 def test_adaptive_counts_per_image_batch_equals_samples_and_stock_model(model, prompts, config):
+    """Compact positions, so the stock model fed the trimmed embeddings alone is the oracle (original positions: see
+    test_generate_equals_stock_model_fed_pruned_embeddings)."""
     pixels = adaptive_pixels()
-    with tr.apply(model, config) as handle:
+    with tr.apply(model, dataclasses.replace(config, positions="compact")) as handle:
         batch_logits, batch_tokens = run(model, prompts, pixels)
         counts = handle.stats()["visual_tokens_out"]
         with torch.no_grad():

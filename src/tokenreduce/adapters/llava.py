@@ -107,11 +107,19 @@ class VlmRun:
         the slot it occupies, as does every token when the labels do not describe these
         features (features passed in precomputed).
         """
+        fallback = [torch.arange(k) for k in kept]
         labels = self.vision.positions if self.vision is not None else None
-        if labels is None or labels.shape != (len(kept), max(kept) + self.first_feature) or len(set(kept)) != 1:
-            return [torch.arange(k) for k in kept]
-        labels = labels[:, self.first_feature :] - self.first_feature
-        return list(torch.where(labels >= 0, labels, torch.arange(labels.shape[1], device=labels.device)))
+        if labels is None or labels.shape[0] != len(kept):
+            return fallback
+        first = self.first_feature
+        valid = self.vision.valid  # adaptive counts: each image's padding was dropped before the LLM
+        slots = []
+        for image, count in enumerate(kept):
+            row = labels[image, first:] if valid is None else labels[image, first:][valid[image, first:]]
+            if row.shape[0] != count:
+                return fallback
+            slots.append(torch.where(row >= first, row - first, torch.arange(count, device=row.device)))
+        return slots
 
     def stats(self) -> dict[str, Any]:
         stats = {
