@@ -219,7 +219,7 @@ class TokenRecorder:
             h.remove()
 
 
-def analytic_flops(shape: Shape, vision: TokenRecorder, llm: TokenRecorder, visual_tokens: int) -> dict[str, int]:
+def analytic_flops(shape: Shape, vision: TokenRecorder, llm: TokenRecorder, projector_tokens: int) -> dict[str, int]:
     """The FLOPs the model's own layers should cost on the recorded token counts (METHODS.md FLOPs convention)."""
 
     def blocks(rec: TokenRecorder, d: int, m: int, ratio: float, mlp_matrices: int) -> int:
@@ -230,7 +230,7 @@ def analytic_flops(shape: Shape, vision: TokenRecorder, llm: TokenRecorder, visu
     patch_embed = 2 * shape.patches * 3 * shape.patch**2 * shape.vision_dim
     return {
         "vision": patch_embed + blocks(vision, shape.vision_dim, shape.vision_mlp, 1.0, 2),
-        "projector": 2 * visual_tokens * (shape.vision_dim * shape.dim + shape.dim * shape.dim),
+        "projector": 2 * projector_tokens * (shape.vision_dim * shape.dim + shape.dim * shape.dim),
         "llm": blocks(llm, shape.dim, shape.mlp, shape.kv_heads / shape.heads, 3),
         "lm_head": 2 * shape.dim * shape.vocab,  # logits_to_keep=1: the last position only
     }
@@ -240,18 +240,22 @@ def count_candidate(name: str, model: LlavaForConditionalGeneration, fn: Callabl
                     handle: tr.Handle | None) -> dict[str, Any]:
     """Counted FLOPs per component, token counts, and the analytic cross-check, from one prefill."""
     vrec, lrec = TokenRecorder(vision_layers(model)), TokenRecorder(list(model.model.language_model.layers))
+    projected: list[int] = []  # visual tokens entering the projector (all of them for a method at its output, H3)
+    phook = model.model.multi_modal_projector.register_forward_pre_hook(
+        lambda _m, args: projected.append(args[0].numel() // args[0].shape[-1]))
     try:
         report = count_flops(fn)
     finally:
         vrec.remove()
         lrec.remove()
+        phook.remove()
     prefix = type(model).__name__
     paths = {"vision": f"{prefix}.model.vision_tower", "projector": f"{prefix}.model.multi_modal_projector",
              "llm": f"{prefix}.model.language_model", "lm_head": f"{prefix}.lm_head"}
     counted = {part: report.by_module.get(path, 0) for part, path in paths.items()}
     stats = handle.stats() if handle is not None else {}
     visual_out = stats["visual_tokens_out"][0] if stats.get("visual_tokens_out") else shape.patches
-    analytic = analytic_flops(shape, vrec, lrec, visual_out)
+    analytic = analytic_flops(shape, vrec, lrec, sum(projected))
     return {
         "total": report.total,
         "counted": counted,
@@ -311,6 +315,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.keep = args.keep or [shape.keep]
     args.repeats = args.repeats or (2 if args.quick else 6)
     return args
+
+
+def reduce_layers(handle: tr.Handle | None) -> list[int] | None:
+    """Which layers run a ``tokenreduce.reduce`` range per prefill: the vision schedule, or one step (H2/H3 sites)."""
+    if handle is None:
+        return None
+    removed = handle.stats().get("vision", {}).get("removed_per_layer") or []
+    return removed if sum(1 for k in removed if k) > 1 else [1]
 
 
 def cand_name(method: str, keep: int, several: bool) -> str:
@@ -391,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prof, wall = profile_calls(fns[name], args.profile_forwards)
             if undo is not None:
                 undo()
-            p = analyse_overhead(prof, args.profile_forwards, [1] if name != BASE else None)
+            p = analyse_overhead(prof, args.profile_forwards, reduce_layers(handles.get(name)))
             shrink = next((e.cpu_time_total / 1e3 / args.profile_forwards for e in prof.key_averages() if e.key == SHRINK_LABEL), None)
             profiles[name] = {**p, "shrink_ms": shrink if undo is not None else None, "wall_s_per_forward": wall / args.profile_forwards}
             del prof
