@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for handle in handles.values():
         handle.remove()
 
-    rows = summary_rows(names, flops, timings, profiles)
+    rows = summary_rows(names, flops, timings, profiles, parts)
     results = {"config": vars(args), "env": env, "shape": dataclasses.asdict(shape), "parameters": params,
                "prompt_tokens": int(inputs["input_ids"].shape[1]), "skipped": skipped, "flops": flops, "summary": rows,
                "timing": {n: {"times_s": list(t.times), "median_s": t.median, "min_s": t.min} for n, t in timings.items()},
@@ -427,12 +427,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Timing], profiles: dict[str, Any]) -> list[dict[str, Any]]:
+def predicted_parts(flops: dict[str, Any], parts: dict[str, dict[str, float]], name: str) -> dict[str, float]:
+    """Seconds per component if each ran at the unreduced model's speed for that component: base time x FLOPs ratio."""
+    pred = {}
+    for c, base_s in parts[BASE].items():
+        base_f = flops[BASE]["counted"].get(c)
+        pred[c] = base_s * flops[name]["counted"][c] / base_f if base_f else base_s  # 'other' has no FLOPs: unchanged
+    return pred
+
+
+def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Timing], profiles: dict[str, Any],
+                 parts: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per candidate. Besides the FLOPs-ideal speed-up, a *component-weighted* ideal: the prefill time if
+    every component kept the unreduced model's FLOP rate. The two differ when the components run at different
+    FLOP rates (the part that shrinks, the LLM, may be the faster one); measured / component-weighted ideal is the
+    share of the shortfall that reduced models themselves lose (smaller matmuls, overhead)."""
     base_flops, base_t = flops[BASE]["total"], timings[BASE]
     rows = []
     for name in names:
         ideal = base_flops / flops[name]["total"]
         measured = speedup(base_t, timings[name])
+        weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
         p = profiles[name]
         rows.append({
             "name": name, "visual_tokens": flops[name]["visual_tokens"], "sequence": flops[name]["sequence"],
@@ -440,6 +455,7 @@ def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Tim
             "gflops_llm": flops[name]["counted"]["llm"] / 1e9, "ideal_speedup": ideal,
             "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
             "measured_speedup": measured, "efficiency": measured / ideal,
+            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted,
             "measured_speedup_min": base_t.min / timings[name].min, "efficiency_min": base_t.min / timings[name].min / ideal,
             "overhead_ms": p["reduce_ms"], "overhead_pct_of_base": 100 * p["reduce_ms"] / 1e3 / base_t.median,
             "overhead_min_ms": p["reduce_min_over_forwards_ms"],
@@ -507,22 +523,21 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
           "vision layers run to the last one (HF computes all hidden states; -2 is selected).")
 
     print("\n-- Where the time goes: median ms per component in the timed prefills, vs base ms x (component FLOPs ratio)")
-    head = ["candidate"] + [f"{c} ms (pred)" for c in (*COMPONENTS, "other")] + ["total excess ms"]
+    print("  unreduced FLOP rate per component: " + ", ".join(
+        f"{c} {flops[BASE]['counted'][c] / parts[BASE][c] / 1e9:.1f} GFLOP/s" for c in COMPONENTS if parts[BASE][c] > 0))
+    head = ["candidate"] + [f"{c} ms (pred)" for c in (*COMPONENTS, "other")] + ["excess ms", "comp.-weighted ideal x", "meas/that"]
     table = []
+    by_name = {r["name"]: r for r in rows}
     for name in parts:
-        cells, excess = [name], 0.0
-        for c in (*COMPONENTS, "other"):
-            base_ms, ms = 1e3 * parts[BASE][c], 1e3 * parts[name][c]
-            if c == "other":
-                pred = base_ms  # no FLOPs outside the components
-            else:
-                base_f = flops[BASE]["counted"][c]
-                pred = base_ms * flops[name]["counted"][c] / base_f if base_f else base_ms
-            excess += ms - pred
-            cells.append(f"{ms:.1f} ({pred:.1f})")
-        cells.append(f"{excess:+.1f}")
+        pred = predicted_parts(flops, parts, name)
+        cells = [name] + [f"{1e3 * parts[name][c]:.1f} ({1e3 * pred[c]:.1f})" for c in (*COMPONENTS, "other")]
+        cells.append(f"{1e3 * (sum(parts[name].values()) - sum(pred.values())):+.1f}")
+        cells += [f"{by_name[name]['component_ideal_speedup']:.3f}", f"{by_name[name]['efficiency_vs_component_ideal']:.3f}"]
         table.append(cells)
     print(format_table(head, table))
+    print("  comp.-weighted ideal = base prefill / sum of the predicted component times: the speed-up if nothing but the "
+          "FLOPs changed, at each component's own unreduced FLOP rate; FLOPs-ideal / comp.-weighted ideal is the part of "
+          "the shortfall due to the components' different FLOP rates, not to the method.")
     print("  'other' = prefill minus the four components: embedding lookup, image-feature scatter, causal-mask setup, "
           "the adapter's placeholder shrinking (vision/projector times include hooks running inside them, e.g. the reduction).")
 
