@@ -57,25 +57,23 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from collections import defaultdict
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import timm
 import tokenreduce as tr
-from tokenreduce.measure import count_flops, peak_memory, speedup, time_interleaved, transformer_block_flops
+from tokenreduce.measure import (
+    ModuleTimer, analyse_overhead, count_flops, oversubscribed, parallel_op_probe, peak_memory, profile_calls, speedup,
+    time_interleaved, transformer_block_flops,
+)
 from tokenreduce.merge_slot import OVERHEAD_LABEL
+
+from common import log
 
 TARGET_EFFICIENCY = 0.9
 BASE = "base"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def cand_name(r: int) -> str:
@@ -198,152 +196,6 @@ def analytic_blocks(tokens_in: int, tokens_per_layer: list[int], facts: dict[str
     }
 
 
-# --------------------------------------------------------------------------- per-block timing hooks
-
-
-class BlockTimer:
-    """Wall time of every block call, grouped per forward (hooks on the block modules)."""
-
-    def __init__(self, blocks: list[torch.nn.Module]) -> None:
-        self.forwards: list[list[float]] = []
-        self._start = 0.0
-        self._handles = []
-        for i, block in enumerate(blocks):
-            self._handles.append(block.register_forward_pre_hook(self._pre(i)))
-            self._handles.append(block.register_forward_hook(self._post(i)))
-
-    def _pre(self, i: int):
-        def hook(_m, _a):
-            if i == 0:
-                self.forwards.append([])
-            self._start = time.perf_counter()
-
-        return hook
-
-    def _post(self, i: int):
-        def hook(_m, _a, _o):
-            self.forwards[-1].append(time.perf_counter() - self._start)
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-# --------------------------------------------------------------------------- profiling
-
-
-def profile_forwards(fn, n: int) -> tuple[Any, float]:
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        wall = time.perf_counter() - start
-    return prof, wall
-
-
-def _inside_label(event: Any, label: str) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name == label:
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
-def analyse_profile(prof: Any, n: int, removed_per_layer: list[int] | None) -> dict[str, Any]:
-    """Per-forward op times (ms): whole forward by self time, inside the reduce range, reduce per layer, SDPA kernels."""
-    averages = prof.key_averages()
-    self_ms = {e.key: e.self_cpu_time_total / 1e3 / n for e in averages}
-    counts = {e.key: e.count / n for e in averages}
-    reduce_total = next((e.cpu_time_total / 1e3 / n for e in averages if e.key == OVERHEAD_LABEL), 0.0)
-    reduce_count = next((e.count / n for e in averages if e.key == OVERHEAD_LABEL), 0)
-
-    inside: dict[str, float] = defaultdict(float)
-    inside_count: dict[str, int] = defaultdict(int)
-    ranges: list[tuple[float, float]] = []
-    events = prof.events()
-    for ev in events:
-        if ev.name == OVERHEAD_LABEL:
-            children = sorted(ev.cpu_children, key=lambda c: c.time_range.start)
-            ranges.append((ev.time_range.start, ev.cpu_time_total / 1e3, [c.cpu_time_total / 1e3 for c in children]))
-        elif _inside_label(ev, OVERHEAD_LABEL):
-            inside[ev.name] += ev.self_cpu_time_total / 1e3 / n
-            inside_count[ev.name] += 1
-    ranges.sort(key=lambda t: t[0])
-    per_layer: list[float] | None = None
-    robust: float | None = None
-    if removed_per_layer and ranges:
-        layers = [i for i, k in enumerate(removed_per_layer) if k]
-        acc = [0.0] * len(removed_per_layer)
-        for j, (_, ms, _) in enumerate(ranges):
-            acc[layers[j % len(layers)]] += ms / n
-        per_layer = acc
-        # Contention-robust estimate: the reduce step runs the same op sequence in every
-        # forward, so take, per layer and per op position, the fastest of the n forwards.
-        # A thread preempted by another tenant inflates one call by a scheduler slice
-        # (several ms); the minimum over forwards filters that out.
-        by_layer: dict[int, list[list[float]]] = defaultdict(list)
-        for j, (_, ms, children) in enumerate(ranges):
-            by_layer[j % len(layers)].append([ms - sum(children)] + children)
-        robust = 0.0
-        for runs in by_layer.values():
-            if len({len(run) for run in runs}) == 1:
-                robust += sum(min(col) for col in zip(*runs))
-            else:
-                robust += min(sum(run) for run in runs)
-    # the range's own self time (Python between ops, dataclass construction, ...)
-    range_self = next((e.self_cpu_time_total / 1e3 / n for e in averages if e.key == OVERHEAD_LABEL), 0.0)
-    sdpa = {k: counts[k] for k in counts if "scaled_dot_product" in k}
-    return {
-        "self_ms": self_ms,
-        "counts": counts,
-        "reduce_ms": reduce_total,
-        "reduce_ranges_per_forward": reduce_count,
-        "reduce_self_ms": range_self,
-        "inside_ms": dict(inside),
-        "inside_calls_per_forward": {k: v / n for k, v in inside_count.items()},
-        "reduce_per_layer_ms": per_layer,
-        "reduce_min_over_forwards_ms": robust,
-        "sdpa_calls_per_forward": sdpa,
-        "table": averages.table(sort_by="self_cpu_time_total", row_limit=25),
-    }
-
-
-# --------------------------------------------------------------------------- machine check
-
-
-def probe_parallel_latency(threads: int, calls: int = 21) -> dict[str, float]:
-    """Median ms of one small *parallel* ATen op (256k-element add) with ``threads`` and with 1 thread.
-
-    On a quiet machine both are ~0.05 ms. When the cores are oversubscribed (other
-    processes), every parallel region waits for its worker threads to be scheduled,
-    which costs a scheduler slice (several ms) per op, independent of the op's size.
-    Many small parallel ops (such as a reduction step's) then cost far more than
-    their work; the warning printed with the results says so.
-    """
-    x = torch.randn(1 << 18)
-
-    def median_ms() -> float:
-        x.add(1.0)
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            x.add(1.0)
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    multi = median_ms()
-    torch.set_num_threads(1)
-    single = median_ms()
-    torch.set_num_threads(previous)
-    return {"threads": threads, "median_ms_threads": multi, "median_ms_1_thread": single}
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -385,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": {**facts, "input_size": shape},
     }
 
-    probe_before = probe_parallel_latency(args.threads)
+    probe_before = parallel_op_probe(args.threads)
 
     with torch.inference_mode():
         # ---------------------------------------------------------------- 1. FLOPs
@@ -432,12 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # ---------------------------------------------------------------- 2. throughput (+ per-block hooks)
         log(f"timing {names} interleaved: warmup={args.warmup}, repeats={args.repeats}")
-        timers = {name: BlockTimer(list(models[name].blocks)) for name in names}
+        timers = {name: ModuleTimer({str(i): b for i, b in enumerate(models[name].blocks)}) for name in names}
         timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
         block_times, outside_blocks = {}, {}
         for name in names:
             timers[name].remove()
-            timed = timers[name].forwards[-args.repeats:]
+            timed = [list(f.values()) for f in timers[name].last(args.repeats)]
             block_times[name] = [statistics.median(f[i] for f in timed) for i in range(facts["num_layers"])]
             # same forwards, same order as timings[name].times
             outside_blocks[name] = statistics.median(t - sum(f) for t, f in zip(timings[name].times, timed))
@@ -453,9 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"profiling {args.profile_forwards} forwards per candidate")
         profiles = {}
         for name in names:
-            prof, wall = profile_forwards(fns[name], args.profile_forwards)
+            prof, wall = profile_calls(fns[name], args.profile_forwards)
             removed = handles[name].stats()["removed_per_layer"] if name in handles else None
-            profiles[name] = {**analyse_profile(prof, args.profile_forwards, removed), "wall_s_per_forward": wall / args.profile_forwards}
+            profiles[name] = {**analyse_overhead(prof, args.profile_forwards, removed), "wall_s_per_forward": wall / args.profile_forwards}
             del prof
 
         # ---------------------------------------------------------------- 4. peak memory
@@ -467,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mem[name].append(peak_memory(fns[name]).delta_bytes)
         results["memory_delta_bytes"] = mem
 
-    results["env"]["parallel_op_probe"] = [probe_before, probe_parallel_latency(args.threads)]
+    results["env"]["parallel_op_probe"] = [probe_before, parallel_op_probe(args.threads)]
     results["env"]["loadavg_end"] = os.getloadavg()
     results["env"]["run_seconds"] = time.perf_counter() - t_start
 
@@ -524,7 +376,7 @@ def print_report(args, facts, flops, cross, rows, timings, block_times, profiles
     probes = env["parallel_op_probe"]
     print("parallel-op latency probe (256k-element add, median ms) start/end: " + " / ".join(
         f"{p['median_ms_threads']:.2f} with {p['threads']} threads, {p['median_ms_1_thread']:.2f} with 1" for p in probes))
-    if args.threads > 1 and max(p["median_ms_threads"] for p in probes) > 1.0:
+    if oversubscribed(probes):
         print("WARNING: the cores are oversubscribed (other processes): each parallel ATen op waits a scheduler slice for its "
               "worker threads, so small ops (the reduction step's) cost far more than their work. Compare with --threads 1.")
 

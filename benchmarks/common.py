@@ -1,0 +1,28 @@
+"""Helpers the benchmark scripts share (the measuring itself lives in ``tokenreduce.measure``).
+
+Imported as ``common``: running ``python benchmarks/<script>.py`` puts this folder
+first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, time-stamped, so that stdout holds only the report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Rows of already formatted cells as aligned columns; the first ``left`` columns left-aligned, the rest right."""
+    lines = [list(head), *map(list, rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+
+    rule = "-" * len(fmt(lines[0]))
+    return "\n".join([fmt(lines[0]), rule, *(fmt(line) for line in lines[1:])])
