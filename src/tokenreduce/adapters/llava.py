@@ -276,18 +276,24 @@ class PlaceholderShrinker:
             return_dict=True,
         )
 
-    def _shorten_prefill(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
+    @staticmethod
+    def _prefill_inputs(kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """``input_ids`` and the cache of a prefill with images; what cannot be shortened is refused here."""
         ids = kwargs.get("input_ids")
         if ids is None:
             raise ValueError("tokenreduce: pass input_ids (not only inputs_embeds) so the image placeholders can be found")
         cache = kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("tokenreduce: an image in a prompt that continues an existing KV cache is not supported")
+        return ids, cache
+
+    def _shorten_prefill(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
+        ids, cache = self._prefill_inputs(kwargs)
         is_image = ids == self.image_token_id
         kept, images = [f.shape[0] for f in features], len(features)
         fixed = isinstance(self.placeholders, int)
         expected = [self.placeholders] * images if fixed else self.placeholders(kwargs, features)
-        runs = _runs_per_sample(is_image.sum(dim=1).tolist(), expected)
+        runs = runs_per_sample(is_image.sum(dim=1).tolist(), expected)
         if runs is None:
             wanted = expected[0] if fixed else expected
             raise ValueError(
@@ -308,13 +314,11 @@ class PlaceholderShrinker:
             raise ValueError(f"tokenreduce: an image produced more features than placeholders ({kept} for {expected})")
         keep = ~is_image
         origin = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
-        image_index = 0
-        for b, counts in enumerate(runs):
-            for run_slots in is_image[b].nonzero()[:, 0].split(counts):
-                count = kept[image_index]
+        for b, images in enumerate(runs):
+            for image, run_slots in zip(images, is_image[b].nonzero()[:, 0].split([expected[i] for i in images])):
+                count = kept[image]
                 keep[b, run_slots[:count]] = True
-                origin[b, run_slots[:count]] = run_slots[slots[image_index].to(run_slots.device)]
-                image_index += 1
+                origin[b, run_slots[:count]] = run_slots[slots[image].to(run_slots.device)]
         self._gather(kwargs, keep, origin, cache)
 
     def _gather(self, kwargs: dict[str, Any], keep: torch.Tensor, origin: torch.Tensor, cache: Any) -> None:
@@ -376,19 +380,23 @@ class PlaceholderShrinker:
             kwargs["position_ids"] = torch.arange(start, start + new, device=prefill.columns.device).unsqueeze(0)
 
 
-def _runs_per_sample(per_sample: list[int], expected: list[int]) -> list[list[int]] | None:
-    """Split the images (in order) over the samples by placeholder counts; None if they do not add up."""
+def runs_per_sample(per_sample: list[int], placeholders: list[int]) -> list[list[int]] | None:
+    """Assign images, in order, to the samples whose placeholder counts they fill exactly; None if they do not add up.
+
+    per_sample: image placeholders in each sample; placeholders: the run length of each image.
+    Returns the indices of each sample's images.
+    """
     runs, image = [], 0
     for count in per_sample:
-        counts = []
-        while count > 0 and image < len(expected) and expected[image] <= count:
-            counts.append(expected[image])
-            count -= expected[image]
+        mine = []
+        while count > 0 and image < len(placeholders) and placeholders[image] <= count:
+            count -= placeholders[image]
+            mine.append(image)
             image += 1
         if count:
             return None
-        runs.append(counts)
-    return runs if image == len(expected) else None
+        runs.append(mine)
+    return runs if image == len(placeholders) else None
 
 
 def _image_tokens(args: tuple, kwargs: dict[str, Any], image_token_id: int) -> torch.Tensor | None:

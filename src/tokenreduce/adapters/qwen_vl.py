@@ -53,7 +53,7 @@ from ..merge_slot import QKCapture, TowerRun, replace_forward
 from ..ops.scoring import attention_received
 from ..registry import register_adapter
 from .base import Adapter, Undo
-from .llava import PlaceholderShrinker, VlmRun
+from .llava import PlaceholderShrinker, VlmRun, runs_per_sample
 
 _HF = "transformers.models"
 
@@ -177,19 +177,14 @@ class MRopeShrinker(PlaceholderShrinker):
 
     def _shorten_prefill(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         kept = [f.shape[0] for f in features]
-        ids = kwargs.get("input_ids")
-        if ids is None:
-            raise ValueError("tokenreduce: pass input_ids (not only inputs_embeds) so the image placeholders can be found")
-        cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("tokenreduce: an image in a prompt that continues an existing KV cache is not supported")
+        ids, cache = self._prefill_inputs(kwargs)
         run = self.run
         if [len(s) for s in run.slots] != kept:
             raise ValueError("tokenreduce: image features must come from this model's get_image_features while the method is applied")
         placeholders = run.placeholders_per_image
         is_image = ids == self.image_token_id
         per_sample = is_image.sum(dim=1).tolist()
-        runs = _split_runs(per_sample, placeholders)
+        runs = runs_per_sample(per_sample, placeholders)
         if runs is None:
             raise ValueError(
                 f"tokenreduce: {len(placeholders)} image(s) of {placeholders} merged tokens need as many image placeholder "
@@ -262,20 +257,6 @@ def _image_scores(scores: Callable[[], list[torch.Tensor]], image: int) -> torch
     """[1, G] scores of one image from the lazily computed scores of all images of an encoding."""
     return scores()[image].unsqueeze(0)
 
-
-def _split_runs(per_sample: list[int], placeholders: list[int]) -> list[list[int]] | None:
-    """Assign images, in order, to samples whose placeholder counts they fill exactly; None if they do not."""
-    runs, image = [], 0
-    for count in per_sample:
-        mine = []
-        while count > 0 and image < len(placeholders) and placeholders[image] <= count:
-            count -= placeholders[image]
-            mine.append(image)
-            image += 1
-        if count:
-            return None
-        runs.append(mine)
-    return runs if image == len(placeholders) else None
 
 
 @register_adapter(*MODEL_CLASSES)
