@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import vlm_fixtures
 from transformers import (
     Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
 )
@@ -55,12 +56,7 @@ def prompt(text_before: list[int], text_after: list[int], grids: list[tuple[int,
 
 def batch(prompts: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:
     """Pad prompts to one length: input_ids, attention_mask and mm_token_type_ids."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), PAD)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        span = slice(width - len(p), width) if side == "left" else slice(0, len(p))
-        ids[i, span], mask[i, span] = torch.tensor(p), 1
+    ids, mask = vlm_fixtures.batch(prompts, side)  # same PAD id
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
 
 
