@@ -18,9 +18,9 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Te
     probabilities. They rank alike per head, not after the mean over heads, so
     each method states which one its paper uses.
     """
-    logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, R, N]
-    values = logits.softmax(dim=-1) if probs else logits
-    return values.mean(dim=1)
+    if not probs:  # one matmul over the concatenated heads: no [B, H, R, N] map (FiCoCo-V's N x N, P6)
+        return head_mean_logits(q[:, :, rows], k, scale)
+    return ((q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale).softmax(dim=-1).mean(dim=1)
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
