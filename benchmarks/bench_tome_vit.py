@@ -65,12 +65,12 @@ import torch
 import timm
 import tokenreduce as tr
 from tokenreduce.measure import (
-    ModuleTimer, analyse_overhead, count_flops, oversubscribed, parallel_op_probe, peak_memory, profile_calls, speedup,
+    ModuleTimer, analyse_overhead, count_flops, parallel_op_probe, peak_memory, profile_calls, speedup,
     time_interleaved, transformer_block_flops,
 )
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 
-from common import log
+from common import log, report_contention
 
 TARGET_EFFICIENCY = 0.9
 BASE = "base"
@@ -373,12 +373,7 @@ def print_report(args, facts, flops, cross, rows, timings, block_times, profiles
     print(f"load average start/end: {env['loadavg_start'][0]:.2f} / {env['loadavg_end'][0]:.2f}; "
           f"run took {env['run_seconds']:.0f} s; timing: warmup {args.warmup}, repeats {args.repeats} (medians)")
 
-    probes = env["parallel_op_probe"]
-    print("parallel-op latency probe (256k-element add, median ms) start/end: " + " / ".join(
-        f"{p['median_ms_threads']:.2f} with {p['threads']} threads, {p['median_ms_1_thread']:.2f} with 1" for p in probes))
-    if oversubscribed(probes):
-        print("WARNING: the cores are oversubscribed (other processes): each parallel ATen op waits a scheduler slice for its "
-              "worker threads, so small ops (the reduction step's) cost far more than their work. Compare with --threads 1.")
+    report_contention(env["parallel_op_probe"])
 
     # FLOPs method
     print("\n-- FLOPs counting")

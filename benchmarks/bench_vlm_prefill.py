@@ -82,13 +82,13 @@ import transformers
 from tokenreduce import registry
 from tokenreduce.bench import shared_copy
 from tokenreduce.measure import (
-    ModuleTimer, Timing, analyse_overhead, count_flops, oversubscribed, parallel_op_probe, profile_calls, speedup,
+    ModuleTimer, Timing, analyse_overhead, count_flops, parallel_op_probe, profile_calls, speedup,
     time_interleaved, transformer_block_flops,
 )
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from common import format_table, log
+from common import format_table, log, report_contention
 
 TARGET_EFFICIENCY = 0.9
 TARGET_OVERHEAD_PCT = 3.0
@@ -482,12 +482,7 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
     print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
           + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
           + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}")
-    probes = env["parallel_op_probe"]
-    print("parallel-op probe (256k-element add, median ms) start/end: " + " / ".join(
-        f"{p['median_ms_threads']:.2f} with {p['threads']} threads, {p['median_ms_1_thread']:.2f} with 1" for p in probes))
-    if oversubscribed(probes):
-        print("WARNING: the cores are oversubscribed by other processes: small parallel ops wait a scheduler slice each, "
-              "which inflates the overhead figures (see benchmarks/README.md). Compare with --threads 1.")
+    report_contention(env["parallel_op_probe"])
     for name, why in results["skipped"].items():
         print(f"SKIPPED {name}: {why}")
 

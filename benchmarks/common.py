@@ -9,6 +9,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
+
+from tokenreduce.measure import oversubscribed
 
 
 def log(msg: str) -> None:
@@ -26,3 +29,16 @@ def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int =
 
     rule = "-" * len(fmt(lines[0]))
     return "\n".join([fmt(lines[0]), rule, *(fmt(line) for line in lines[1:])])
+
+
+def report_contention(probes: Sequence[dict[str, Any]]) -> None:
+    """Print the parallel-op probe taken at the start and end of a run, and warn when the cores were oversubscribed.
+
+    Under oversubscription each parallel ATen op waits a scheduler slice for its worker
+    threads, so small ops (a reduction step's) cost far more than their work.
+    """
+    print("parallel-op probe (256k-element add, median ms) start/end: " + " / ".join(
+        f"{p['median_ms_threads']:.2f} with {p['threads']} threads, {p['median_ms_1_thread']:.2f} with 1" for p in probes))
+    if oversubscribed(probes):
+        print("WARNING: the cores are oversubscribed by other processes: small parallel ops wait a scheduler slice each, "
+              "which inflates the overhead figures (see benchmarks/README.md). Compare with --threads 1.")
