@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..budget import tokens_to_remove
 from ..errors import ConfigError
 from ..ops.merge import TokenPlan, kept_first, last_true
 from .base import Method
@@ -149,6 +150,21 @@ class DecoderMethod(Method):
                 f"0..{self.num_layers - 1} and a cut needs 1 <= {field} <= {self.num_layers - 1}"
             )
         return layer
+
+
+class SingleCut(DecoderMethod):
+    """One cut at the config's ``layer`` K, scored at layer K-1 (FastV, DART): ``keep`` / ``ratio`` or ``default_ratio``."""
+
+    default_ratio: ClassVar[float]
+
+    def cuts(self, visual: int) -> list[tuple[int, int]]:
+        config = self.config
+        ratio = self.default_ratio if config.keep is None and config.ratio is None else config.ratio
+        layer = self.check_cut_layer(config.layer, "layer")
+        return [(layer, visual - tokens_to_remove(visual, config.keep, ratio, type(config).__name__))]
+
+    def observe_layers(self) -> frozenset[int]:
+        return frozenset({self.config.layer - 1})
 
 
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:

@@ -27,13 +27,12 @@ from typing import Any
 
 import torch
 
-from ...budget import tokens_to_remove
 from ...config import BudgetConfig
 from ...errors import ConfigError
 from ...ops.matching import least_duplicated
 from ...ops.merge import gather_tokens, last_true, true_indices
 from ...registry import register_method
-from ..inllm import CutSite, DecoderMethod, top_visual
+from ..inllm import CutSite, SingleCut, top_visual
 
 DEFAULT_LAYER = 2
 DEFAULT_RATIO = 0.778
@@ -60,17 +59,9 @@ class DARTConfig(BudgetConfig):
 
 
 @register_method(DARTConfig)
-class DART(DecoderMethod):
+class DART(SingleCut):
     description = "DART: keep pivots and the visual tokens they duplicate least, keys' L1 norm picks pivots (in-LLM)"
-
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
-        config = self.config
-        ratio = DEFAULT_RATIO if config.keep is None and config.ratio is None else config.ratio
-        layer = self.check_cut_layer(config.layer, "layer")
-        return [(layer, visual - tokens_to_remove(visual, config.keep, ratio, "DARTConfig"))]
-
-    def observe_layers(self) -> frozenset[int]:
-        return frozenset({self.config.layer - 1})
+    default_ratio = DEFAULT_RATIO
 
     def observe(self, layer: int, query_rows: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float) -> Any:
         return key.transpose(1, 2).flatten(2).float().abs().sum(dim=-1)  # [B, N] L1 norm of each token's key

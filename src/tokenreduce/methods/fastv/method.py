@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from ...budget import tokens_to_remove
 from ...config import BudgetConfig
 from ...errors import ConfigError
 from ...ops.scoring import query_rows_attention
 from ...registry import register_method
-from ..inllm import CutSite, DecoderMethod, top_visual
+from ..inllm import CutSite, SingleCut, top_visual
 
 DEFAULT_LAYER = 2
 DEFAULT_RATIO = 0.5
@@ -40,17 +39,9 @@ class FastVConfig(BudgetConfig):
 
 
 @register_method(FastVConfig)
-class FastV(DecoderMethod):
+class FastV(SingleCut):
     description = "FastV: drop the visual tokens the last token attends least at layer K-1 (in-LLM)"
-
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
-        config = self.config
-        ratio = DEFAULT_RATIO if config.keep is None and config.ratio is None else config.ratio
-        layer = self.check_cut_layer(config.layer, "layer")
-        return [(layer, visual - tokens_to_remove(visual, config.keep, ratio, "FastVConfig"))]
-
-    def observe_layers(self) -> frozenset[int]:
-        return frozenset({self.config.layer - 1})
+    default_ratio = DEFAULT_RATIO
 
     def observe(self, layer: int, query_rows: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float) -> Any:
         return query_rows_attention(query_rows, key, scale, valid)[:, 0]
