@@ -9,7 +9,7 @@ subclass of a supported model is supported too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import ReductionConfig
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .methods.base import Method
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 _METHODS: dict[type[ReductionConfig], type[Method]] = {}
 _ADAPTERS: dict[str, type[Adapter]] = {}
@@ -27,6 +28,14 @@ _ADAPTERS: dict[str, type[Adapter]] = {}
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def lookup_by_class(table: Mapping[str, V], obj: Any) -> V | None:
+    """The entry of ``table`` (keyed by dotted class path) for ``obj``'s class or its nearest base class.
+
+    Keys are strings so tables never import timm / transformers / diffusers.
+    """
+    return next((table[path] for cls in type(obj).__mro__ if (path := _class_path(cls)) in table), None)
 
 
 def register_method(config_cls: type[ReductionConfig]) -> Callable[[type[T]], type[T]]:
@@ -86,10 +95,9 @@ def method_configs() -> list[type[ReductionConfig]]:
 
 def adapter_for(model: Any) -> type[Adapter]:
     """The adapter registered for the model's class or its nearest base class."""
-    for cls in type(model).__mro__:
-        adapter = _ADAPTERS.get(_class_path(cls))
-        if adapter is not None:
-            return adapter
+    adapter = lookup_by_class(_ADAPTERS, model)
+    if adapter is not None:
+        return adapter
     raise UnsupportedModelError(
         f"tokenreduce has no adapter for {type(model).__name__} ({_class_path(type(model))}). "
         f"Supported model classes: {', '.join(sorted(p.rsplit('.', 1)[-1] for p in _ADAPTERS))}. "

@@ -49,7 +49,7 @@ from ..diffusion.state import DiffusionRun
 from ..errors import UnsupportedModelError
 from ..merge_slot import replace_forward
 from ..ops.merge import gather_tokens
-from ..registry import register_adapter
+from ..registry import lookup_by_class, register_adapter
 from .base import Adapter, Undo
 
 
@@ -366,9 +366,7 @@ class DitAdapter(Adapter):
     def __init__(self, model: nn.Module, scheduler: Callable[[], Any] | None = None) -> None:
         super().__init__(model)
         self.scheduler = scheduler  # reads the pipeline's current scheduler (users swap schedulers after loading)
-        self.spec = next(
-            (TRANSFORMERS[p] for cls in type(model).__mro__ if (p := f"{cls.__module__}.{cls.__qualname__}") in TRANSFORMERS), None
-        )
+        self.spec = lookup_by_class(TRANSFORMERS, model)
         if self.spec is None:
             raise UnsupportedModelError(f"no diffusion-transformer layout for {type(model).__name__}; supported: {_supported()}")
         self.layout: list[tuple[BlockInfo, nn.Module, BlockSpec]] = []

@@ -51,7 +51,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, replace_forward
 from ..ops.scoring import attention_received
-from ..registry import register_adapter
+from ..registry import lookup_by_class, register_adapter
 from .base import Adapter, Undo
 from .llava import PlaceholderShrinker, VlmRun, runs_per_sample
 
@@ -80,10 +80,9 @@ MODEL_CLASSES = (
 
 
 def _spec_for(inner: nn.Module) -> QwenVisionSpec:
-    for cls in type(inner).__mro__:
-        spec = FAMILIES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if spec is not None:
-            return spec
+    spec = lookup_by_class(FAMILIES, inner)
+    if spec is not None:
+        return spec
     raise UnsupportedModelError(f"no Qwen-VL vision layout for {type(inner).__name__}")
 
 

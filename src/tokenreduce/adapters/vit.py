@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..merge_slot import BlockSeam, QKCapture, TowerRun, own_block_forwards
-from ..registry import register_adapter
+from ..registry import lookup_by_class, register_adapter
 from .base import Adapter, Undo
 
 
@@ -83,10 +83,9 @@ TOWERS: dict[str, TowerSpec] = {
 
 
 def _spec_for(model: nn.Module) -> TowerSpec:
-    for cls in type(model).__mro__:
-        spec = TOWERS.get(f"{cls.__module__}.{cls.__qualname__}")
-        if spec is not None:
-            return spec
+    spec = lookup_by_class(TOWERS, model)
+    if spec is not None:
+        return spec
     raise UnsupportedModelError(f"no ViT tower layout for {type(model).__name__}")
 
 
