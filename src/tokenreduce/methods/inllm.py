@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..budget import tokens_to_remove
+from ..config import BudgetConfig
 from ..errors import ConfigError
 from ..ops.merge import TokenPlan, kept_first, last_true
 from .base import Method
@@ -150,6 +151,23 @@ class DecoderMethod(Method):
                 f"0..{self.num_layers - 1} and a cut needs 1 <= {field} <= {self.num_layers - 1}"
             )
         return layer
+
+
+DEFAULT_CUT_LAYER = 2  # FastV's and DART's K
+
+
+@dataclass(frozen=True, kw_only=True)
+class SingleCutConfig(BudgetConfig):
+    """A budget plus the decoder layer ``layer`` (K) where one cut happens; scores come from layer K-1."""
+
+    layer: int = DEFAULT_CUT_LAYER
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ConfigError(
+                f"{type(self).__name__}: layer={self.layer!r} is invalid; the cut layer K is an int >= 1 (scores come from layer K-1)"
+            )
 
 
 class SingleCut(DecoderMethod):

@@ -27,30 +27,27 @@ from typing import Any
 
 import torch
 
-from ...config import BudgetConfig
 from ...errors import ConfigError
 from ...ops.matching import least_duplicated
 from ...ops.merge import gather_tokens, last_true, true_indices
 from ...registry import register_method
-from ..inllm import CutSite, SingleCut, top_visual
+from ..inllm import CutSite, SingleCut, SingleCutConfig, top_visual
 
-DEFAULT_LAYER = 2
 DEFAULT_RATIO = 0.778
 DEFAULT_PIVOTS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
-class DARTConfig(BudgetConfig):
+class DARTConfig(SingleCutConfig):
     """Cut at ``layer`` keeping ``keep`` visual tokens (or removing ``ratio``, default 0.778) by duplication with pivots."""
 
     method = "dart"
-    layer: int = DEFAULT_LAYER
     image_pivots: int = DEFAULT_PIVOTS
     text_pivots: int = DEFAULT_PIVOTS
 
     def validate(self) -> None:
         super().validate()
-        for name, low in (("layer", 1), ("image_pivots", 0), ("text_pivots", 0)):
+        for name, low in (("image_pivots", 0), ("text_pivots", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"DARTConfig: {name}={value!r} is invalid; expected an int >= {low}")

@@ -15,27 +15,18 @@ from typing import Any
 
 import torch
 
-from ...config import BudgetConfig
-from ...errors import ConfigError
 from ...ops.scoring import query_rows_attention
 from ...registry import register_method
-from ..inllm import CutSite, SingleCut, top_visual
+from ..inllm import CutSite, SingleCut, SingleCutConfig, top_visual
 
-DEFAULT_LAYER = 2
 DEFAULT_RATIO = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
-class FastVConfig(BudgetConfig):
+class FastVConfig(SingleCutConfig):
     """Cut at decoder layer ``layer`` (K) keeping ``keep`` visual tokens, or dropping ``ratio`` (R) of them; default K=2, R=0.5."""
 
     method = "fastv"
-    layer: int = DEFAULT_LAYER
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ConfigError(f"FastVConfig: layer={self.layer!r} is invalid; the cut layer K is an int >= 1 (scores come from layer K-1)")
 
 
 @register_method(FastVConfig)
