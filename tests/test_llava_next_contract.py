@@ -13,6 +13,7 @@ import copy
 import llava_next_fixtures as nf
 import pytest
 import torch
+import vlm_fixtures as vf
 from test_vlm_contract import CASES as VLM_CASES
 
 import tokenreduce as tr
@@ -256,8 +257,6 @@ def test_globalcom2_budgets_and_guidance_on_a_known_canvas(model):
 
 
 def test_globalcom2_on_plain_llava_is_refused_before_mutation():
-    import vlm_fixtures as vf
-
     llava = vf.llava()
     ids, mask = vf.batch([vf.prompt([7], [8])])
     with torch.no_grad():
@@ -306,13 +305,7 @@ def test_full_strategy_is_refused(model):
 
 def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
     ids, mask = nf.batch([[nf.BOS, 7, 8, 9]])
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
-    with tr.apply(model, tr.GlobalCom2Config()) as handle:
-        with torch.no_grad():
-            got = model(input_ids=ids, attention_mask=mask).logits
-        stats = handle.stats()
-    assert torch.equal(got, expected) and stats["images"] == 0 and "no image" in stats["note"]
+    vf.assert_text_only_prompt_is_a_no_op(model, tr.GlobalCom2Config(), {"input_ids": ids, "attention_mask": mask})
 
 
 @pytest.mark.parametrize("case", ["globalcom2", "visionzip"])

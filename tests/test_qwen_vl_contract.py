@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import qwen_vl_fixtures as qf
 import torch
+import vlm_fixtures as vf
 from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -255,15 +256,7 @@ def test_window_order_is_undone_by_the_models_own_reversal():
 
 
 def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
-    inputs = qf.batch([[qf.BOS, 7, 8, 9]])
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    with tr.apply(model, tr.FasterVLMConfig(keep=KEEP)) as handle:
-        with torch.no_grad():
-            got = model(**inputs).logits
-        stats = handle.stats()
-    assert torch.equal(got, expected)
-    assert stats["images"] == 0 and "no image" in stats["note"]
+    vf.assert_text_only_prompt_is_a_no_op(model, tr.FasterVLMConfig(keep=KEEP), qf.batch([[qf.BOS, 7, 8, 9]]))
 
 
 def test_mismatched_images_and_placeholders(model):

@@ -183,14 +183,7 @@ def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
 
 def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
     ids, mask = vf.batch([[vf.BOS, 7, 8, 9]])
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
-    with tr.apply(model, tr.FasterVLMConfig(keep=16)) as handle:
-        with torch.no_grad():
-            got = model(input_ids=ids, attention_mask=mask).logits
-        stats = handle.stats()
-    assert torch.equal(got, expected)
-    assert stats["images"] == 0 and "no image" in stats["note"]
+    vf.assert_text_only_prompt_is_a_no_op(model, tr.FasterVLMConfig(keep=16), {"input_ids": ids, "attention_mask": mask})
 
 
 def test_mismatched_images_and_placeholders(model):

@@ -7,6 +7,8 @@ import copy
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+import tokenreduce as tr
+
 IMAGE_TOKEN, PAD, BOS = 5, 0, 1
 IMAGE, PATCH = 48, 4
 IMAGE_TOKENS = (IMAGE // PATCH) ** 2  # 144
@@ -46,3 +48,15 @@ def batch(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, t
 
 def pixels(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_text_only_prompt_is_a_no_op(model: torch.nn.Module, config, inputs: dict[str, torch.Tensor]) -> None:
+    """A prompt without an image: the method leaves the logits bit-exact and says so in stats() (every VLM family)."""
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with tr.apply(model, config) as handle:
+        with torch.no_grad():
+            got = model(**inputs).logits
+        stats = handle.stats()
+    assert torch.equal(got, expected)
+    assert stats["images"] == 0 and "no image" in stats["note"]
