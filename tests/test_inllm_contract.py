@@ -55,18 +55,8 @@ def prompts():
 
 
 def run(model, prompts, pixels, side="left", **generate):
-    """Logits of one forward and 4 greedy tokens; positions skip left padding, as ``generate`` does.
-
-    (DART's pivots use the L1 norm of keys after RoPE, which depends on absolute
-    positions, so a padded sample only matches its unpadded run with these positions.)
-    """
-    ids, mask = vf.batch(prompts, side)
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels).logits
-        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
-                                suppress_tokens=[vf.IMAGE_TOKEN], **generate)
-    return logits, tokens[:, ids.shape[1]:]
+    """Positions skip left padding in the forward too (DART's key norms after RoPE depend on absolute positions)."""
+    return vf.logits_and_tokens(model, prompts, pixels, side, count_positions=True, **generate)
 
 
 @pytest.fixture(scope="module")

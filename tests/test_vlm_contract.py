@@ -49,12 +49,7 @@ def prompts(model):
 
 
 def run(model, prompts, pixels, side="left", **generate):
-    ids, mask = vf.batch(prompts, side)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
-                                 suppress_tokens=[vf.IMAGE_TOKEN], **generate)
-    return logits, tokens[:, ids.shape[1]:]
+    return vf.logits_and_tokens(model, prompts, pixels, side, **generate)
 
 
 @pytest.fixture(scope="module")
