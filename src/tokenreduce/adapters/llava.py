@@ -166,8 +166,11 @@ class ImageEncoder:
       (``TowerRun.valid``), so counts may differ per image.
     """
 
-    def __init__(self, inner: nn.Module, run: VlmRun, image_token_id: int, placeholders: int, cls_dropped: bool) -> None:
+    def __init__(
+        self, inner: nn.Module, run: VlmRun, image_token_id: int, placeholders: int, cls_dropped: bool, share_text: bool,
+    ) -> None:
         self.inner = inner
+        self.share_text = share_text  # only for methods that read Site.text: the embedding lookup is not free
         self.original = inner.get_image_features
         self.run = run
         self.image_token_id = image_token_id
@@ -198,7 +201,7 @@ class ImageEncoder:
         return out
 
     def _share_text(self, vision: TowerRun, images: int) -> None:
-        if self.prompt is None:
+        if self.prompt is None or not self.share_text:
             return
         ids, mask = self.prompt
         per_sample = (ids == self.image_token_id).sum(dim=1) // self.placeholders
@@ -463,7 +466,7 @@ class LlavaAdapter(Adapter):
         cls_dropped = self.drop_cls and self.site != "projector_output"
         run = VlmRun(vision=vision, first_feature=int(cls_dropped))
         placeholders = self.placeholders()
-        encoder = ImageEncoder(self.inner, run, self.image_token_id, placeholders, cls_dropped)
+        encoder = ImageEncoder(self.inner, run, self.image_token_id, placeholders, cls_dropped, "prompt_text" in method.requires)
         undo.append(replace_forward(self.inner, encoder, "get_image_features"))
         if self.model is not self.inner and hasattr(self.model, "generate"):
             undo.append(replace_forward(self.model, _generate_with_prompt(self.model.generate, encoder), "generate"))
