@@ -348,7 +348,7 @@ def test_pdrop_defaults_and_budget_solver():
     assert method.cuts(576) == [(8, 288), (16, 144), (24, 72)]  # lambda = 0.5 at [8, 16, 24]: 270 layer-averaged tokens
     assert PDrop(tr.PDropConfig(), {"num_layers": 4, "reducible_tokens": 144}).cuts(144) == [(1, 72), (2, 36), (3, 18)]
     solved = PDrop(tr.PDropConfig(keep=270), facts)
-    assert solved.retention == pytest.approx([0.5, 0.25, 0.125], abs=1e-6)
+    assert solved.retention(576) == pytest.approx([0.5, 0.25, 0.125], abs=1e-6)
     assert solved.cuts(576) == [(8, 288), (16, 144), (24, 72)]
     assert PDrop(tr.PDropConfig(ratio=0.0), facts).cuts(576) == [(8, 576), (16, 576), (24, 576)]
     with pytest.raises(tr.ConfigError, match=r"out of reach with cuts at \[8, 16, 24\] of 32 layers \(at least 0.250"):

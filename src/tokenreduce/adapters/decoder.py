@@ -409,7 +409,7 @@ def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo
         undo.append(lambda a=attention: _OBSERVERS.pop(a, None))
     handles = [decoder.register_forward_pre_hook(lambda _m, a, kw: run.begin(a, kw), with_kwargs=True),
                decoder.register_forward_hook(lambda _m, _a, out: run.end(out))]
-    first = min(layer for layer, _ in method.cuts(method.facts["reducible_tokens"]))
+    first = min(method.cut_layers())
     for index in range(first, len(layers)):
         handles.append(layers[index].register_forward_pre_hook(lambda _m, a, kw, i=index: run.enter(i, a, kw), with_kwargs=True))
     undo.extend(h.remove for h in handles)

@@ -111,10 +111,21 @@ class DecoderMethod(Method):
 
     def __init__(self, config: Any, facts: dict[str, Any]) -> None:
         super().__init__(config, facts)
-        self.cuts(facts["reducible_tokens"])
+        self.cut_layers()
+        if facts["reducible_tokens"] is not None:  # None: the count depends on each prompt (AnyRes, dynamic resolution)
+            self.cuts(facts["reducible_tokens"])
+
+    def cut_layers(self) -> tuple[int, ...]:
+        """The layers where cuts take effect, validated against the decoder's depth (they do not depend on the prompt)."""
+        raise NotImplementedError
 
     def cuts(self, visual: int) -> list[tuple[int, int]]:
-        """(layer, visual tokens kept from that layer on) for a prompt with ``visual`` visual tokens per sample."""
+        """(layer, visual tokens kept from that layer on) for a prompt with ``visual`` visual tokens per sample.
+
+        Called at apply when the adapter knows the count, else at each prefill: a
+        budget the prompt cannot meet raises :class:`ConfigError` there, before
+        anything runs.
+        """
         raise NotImplementedError
 
     def observe_layers(self) -> frozenset[int]:
@@ -175,11 +186,13 @@ class SingleCut(DecoderMethod):
 
     default_ratio: ClassVar[float]
 
+    def cut_layers(self) -> tuple[int, ...]:
+        return (self.check_cut_layer(self.config.layer, "layer"),)
+
     def cuts(self, visual: int) -> list[tuple[int, int]]:
         config = self.config
         ratio = self.default_ratio if config.keep is None and config.ratio is None else config.ratio
-        layer = self.check_cut_layer(config.layer, "layer")
-        return [(layer, visual - tokens_to_remove(visual, config.keep, ratio, type(config).__name__))]
+        return [(config.layer, visual - tokens_to_remove(visual, config.keep, ratio, type(config).__name__))]
 
     def observe_layers(self) -> frozenset[int]:
         return frozenset({self.config.layer - 1})

@@ -97,6 +97,9 @@ class FiCoCoL(DecoderMethod):
             )
         return layers
 
+    def cut_layers(self) -> tuple[int, ...]:
+        return tuple(layer + 1 for layer in self.scored_layers())
+
     def cuts(self, visual: int) -> list[tuple[int, int]]:
         config, layers = self.config, self.scored_layers()
         if config.keep is None and config.ratio is None:

@@ -77,19 +77,20 @@ class PDrop(DecoderMethod):
             return self.config.layers
         return tuple(round(self.num_layers * s / STAGES) for s in range(1, STAGES))
 
-    @cached_property
-    def retention(self) -> list[float]:
-        """Fraction of the visual tokens each stage keeps (validated and solved once, at apply)."""
-        config = self.config
+    def cut_layers(self) -> tuple[int, ...]:
         for index, layer in enumerate(self.layers):
             self.check_cut_layer(layer, f"layers[{index}]")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"PDropConfig: this {self.num_layers}-layer decoder is too shallow for {STAGES} stages; give layers=(...)")
+        return self.layers
+
+    def retention(self, visual: int) -> list[float]:
+        """Fraction of the ``visual`` tokens each stage keeps: the config's ratios, lam**s, or lam solved from the budget."""
+        config = self.config
         if config.ratios is not None:
             return list(config.ratios)
         lam = config.lam
         if config.keep is not None or config.ratio is not None:
-            visual = self.facts["reducible_tokens"]
             if config.keep is not None and config.keep > visual:
                 raise ConfigError(f"PDropConfig: keep={config.keep} is larger than the {visual} reducible tokens of this input")
             target = config.keep / visual if config.keep is not None else 1.0 - config.ratio
@@ -98,7 +99,7 @@ class PDrop(DecoderMethod):
 
     def cuts(self, visual: int) -> list[tuple[int, int]]:
         # the code floors, int(N * ratio); the slack keeps a bisection-solved lambda from flooring one token short
-        return [(layer, int(visual * r + 1e-6)) for layer, r in zip(self.layers, self.retention)]
+        return [(layer, int(visual * r + 1e-6)) for layer, r in zip(self.layers, self.retention(visual))]
 
     def select(self, site: CutSite) -> torch.Tensor:
         query_rows, key, valid, scale = site.row_probe()

@@ -93,6 +93,9 @@ class SparseVLM(DecoderMethod):
                 )
         return layers
 
+    def cut_layers(self) -> tuple[int, ...]:
+        return tuple(layer + 1 for layer in self.layers)
+
     def cuts(self, visual: int) -> list[tuple[int, int]]:
         config = self.config
         if config.schedule is not None:
