@@ -85,6 +85,17 @@ def test_bench_on_the_zoo_vlm_reports_answer_accuracy_per_kind(tmp_path, capsys)
     assert "compare %" in capsys.readouterr().out
 
 
+def test_bench_reports_equivalent_tokens_of_in_llm_methods(tmp_path, capsys):
+    out = tmp_path / "vlm.json"
+    code = cli.main(["bench", "zoo:digits-vlm", "--method", "fastv", "--keep", "64", "--set", "layer=1", "--samples", "4",
+                     "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["base"]["equivalent_tokens"] == 256
+    assert rows["fastv"]["equivalent_tokens"] == (256 + 3 * 64) / 4  # layer 0 sees all 256, layers 1-3 the kept 64
+    assert "T_eq" in capsys.readouterr().out
+
+
 def test_sweep_skips_budgets_a_method_cannot_reach(saved_vit, tmp_path, capsys):
     out = tmp_path / "r.json"
     code = cli.main(["bench", str(saved_vit), "--method", "tome", "random", "--keep", "2", "--samples", "4", "--batch-size", "4",

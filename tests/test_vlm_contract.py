@@ -194,6 +194,13 @@ def test_keep_larger_than_image_tokens(model):
     assert tr.remove(model) == 0
 
 
+def test_a_layer_other_than_the_feature_layer_is_refused_at_the_feature_layer_site(model):
+    """Random/uniform/pooling reduce the feature layer's output; another block would have been a silent no-op."""
+    with pytest.raises(tr.ConfigError, match=r"RandomConfig: layer=0 is not where this site reduces; it reduces the output of block \d"):
+        tr.apply(model, tr.RandomConfig(keep=16, layer=0))
+    assert tr.remove(model) == 0
+
+
 def test_bf16(model, prompts):
     model = model.to(torch.bfloat16)
     try:

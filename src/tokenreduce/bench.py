@@ -78,6 +78,7 @@ class Row:
     config: dict[str, Any] | None
     tokens_in: int
     tokens_out: int
+    equivalent_tokens: float  # visual (or patch) tokens averaged over the LLM's layers (METHODS.md E4); tokens_out before it
     gflops: float
     ideal_speedup: float
     latency_ms: float
@@ -189,10 +190,12 @@ def run(
 def _measure(target, models, handles, batch_size, warmup, repeats, progress) -> list[Row]:
     batch = target.inputs[:batch_size]
     logits = [torch.cat([target.logits(m, chunk) for chunk in target.inputs.split(batch_size)]) for m in progress(models)]
-    flops, tokens = [], []
+    flops, tokens, equivalent = [], [], []
     for model, handle in zip(models, [None, *handles]):
         flops.append(count_flops(lambda m=model: target.logits(m, batch[:1])).total)
-        tokens.append(_token_counts(handle.stats()) if handle else None)
+        stats = handle.stats() if handle else None
+        tokens.append(_token_counts(stats) if stats else None)
+        equivalent.append(stats.get("equivalent_tokens") if stats else None)
     timings = time_interleaved({str(i): (lambda m=m: target.logits(m, batch)) for i, m in enumerate(models)}, warmup, repeats)
     memory = [peak_memory(lambda m=m: target.logits(m, batch)).delta_bytes for m in models]
     base_tokens = tokens[1] if len(tokens) > 1 else None
@@ -205,6 +208,7 @@ def _measure(target, models, handles, batch_size, warmup, repeats, progress) -> 
             method=handle.config.method if handle else "base",
             config=handle.config.to_dict() if handle else None,
             tokens_in=tokens_in, tokens_out=tokens_out, gflops=flops[i] / 1e9, ideal_speedup=ideal,
+            equivalent_tokens=float(tokens_out if equivalent[i] is None else equivalent[i]),
             latency_ms=timings[str(i)].median * 1e3, speedup=measured, efficiency=measured / ideal,
             peak_mb=memory[i] / 2**20,
             accuracy=label_accuracy(logits[i], target.labels) if target.labels is not None else None,
@@ -241,7 +245,8 @@ def rows_to_json(target: Target, rows: list[Row], skipped: list[str] | None = No
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     """The results as a fixed-width text table, or as Markdown."""
-    head = ["method", "budget", "tokens", "GFLOPs", "ideal x", "measured x", "meas/ideal", "latency ms", "peak MB", "acc %", "agree %", "KL"]
+    in_llm = any(r.equivalent_tokens != r.tokens_out for r in rows)  # a T_eq column only where it differs from "tokens"
+    head = ["method", "budget", "tokens", *(["T_eq"] if in_llm else []), "GFLOPs", "ideal x", "measured x", "meas/ideal", "latency ms", "peak MB", "acc %", "agree %", "KL"]
     groups = list(rows[0].accuracy_by_group or {})
     head += [f"{g} %" for g in groups]
     lines = [head]
@@ -249,7 +254,7 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
         budget = _budget_label(r.config)
         acc = f"{100 * r.accuracy:.1f}" if r.accuracy is not None else "-"
         lines.append([
-            r.method, budget, f"{r.tokens_in}->{r.tokens_out}", f"{r.gflops:.4f}", f"{r.ideal_speedup:.2f}",
+            r.method, budget, f"{r.tokens_in}->{r.tokens_out}", *([f"{r.equivalent_tokens:.1f}"] if in_llm else []), f"{r.gflops:.4f}", f"{r.ideal_speedup:.2f}",
             f"{r.speedup:.2f}", f"{r.efficiency:.2f}", f"{r.latency_ms:.2f}", f"{r.peak_mb:.1f}", acc,
             f"{100 * r.agreement:.1f}", f"{r.kl:.4f}", *(f"{100 * r.accuracy_by_group[g]:.1f}" for g in groups),
         ])

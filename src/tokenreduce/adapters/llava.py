@@ -450,6 +450,8 @@ class LlavaAdapter(Adapter):
 
     def describe(self) -> dict[str, Any]:
         facts = dict(self.tower.describe(), default_layer=self.feature_block)
+        if self.site == "vit_output":
+            facts.update(reducing_layers=(self.feature_block,))
         if self.site == "projector_output":
             facts.update(num_layers=1, default_layer=0, protected_tokens=0 if self.drop_cls else self.tower.protected)
         if self.site == "llm":

@@ -103,4 +103,10 @@ class SingleStep(VitMethod):
         no_budget = config.keep is None and config.ratio is None
         ratio = self.default_ratio if no_budget else config.ratio
         self.check_layers((self.layer,), "layer")
+        only = self.facts.get("reducing_layers")  # a site that reduces one block's output accepts that block only
+        if only is not None and self.layer not in only:
+            raise ConfigError(
+                f"{type(config).__name__}: layer={self.layer} is not where this site reduces; it reduces the output of "
+                f"block {', '.join(map(str, only))} (leave layer unset, or pick a site inside the tower)"
+            )
         return self.at_layers([self.layer], [tokens_to_remove(reducible, config.keep, ratio, type(config).__name__)])
