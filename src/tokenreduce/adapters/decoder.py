@@ -81,7 +81,7 @@ def probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     output = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     observer = _OBSERVERS.get(module)
     if observer is not None:
-        observer(query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+        observer(query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("position_ids"))
     return output
 
 
@@ -309,9 +309,14 @@ class DecoderRun:
                                   past_key_values=cache, position_ids=None, layer_idx=layer)
 
     def observer(self, layer: int) -> Any:
-        """The callback ``probe_attention`` runs for layer ``layer`` during a cut prefill."""
+        """The callback ``probe_attention`` runs for layer ``layer`` during a cut prefill.
 
-        def observe(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> None:
+        The layer's RoPE is recomputed on demand by the decoder's rotary embedding at the
+        position ids the layer received (the survivors' own after a cut).
+        """
+
+        def observe(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
+                    position_ids: torch.Tensor | None) -> None:
             run = self.current
             if run is None or run.decode:
                 return
@@ -319,6 +324,7 @@ class DecoderRun:
                 query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
                 columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
                 input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
+                rope=lambda: self.decoder.rotary_emb(query, position_ids),
             )
             run.observed[layer] = self.method.observe_attention(layer, attention)
 

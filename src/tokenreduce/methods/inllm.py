@@ -81,8 +81,11 @@ class LayerAttention:
     last real token; columns: [B, N] original column of each current token.
     inputs: [B, L0, C] the decoder's input embeddings before any cut, with
     input_visual / input_text: [B, L0] bool masks over them (for scores defined on
-    the prompt, as SparseVLM's raters). Nothing here is an attention map: a
-    method computes only the rows and columns its card needs.
+    the prompt, as SparseVLM's raters). rope(): (cos, sin) [B, N, d], the rotary
+    embedding the layer applied to the current tokens' q and k (computed on demand,
+    for scores that separate position from content, as SparseVLM+'s gravity
+    correction). Nothing here is an attention map: a method computes only the rows
+    and columns its card needs.
     """
 
     query: torch.Tensor
@@ -96,6 +99,7 @@ class LayerAttention:
     inputs: torch.Tensor
     input_visual: torch.Tensor
     input_text: torch.Tensor
+    rope: Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows [B, R] (current indices) -> (q [B, H, R, d], valid [B, R, N] keys each row may see)."""

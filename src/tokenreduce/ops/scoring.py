@@ -160,6 +160,14 @@ def text_relevance(visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Te
 def query_rows_attention(query_rows: torch.Tensor, key: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
     """Probe P2: softmax attention of chosen query rows over a decoder layer's keys, head mean: [B, R, N].
 
+    The mean over heads of :func:`query_rows_head_attention`.
+    """
+    return query_rows_head_attention(query_rows, key, scale, valid).mean(dim=1)
+
+
+def query_rows_head_attention(query_rows: torch.Tensor, key: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """Probe P2 per head: softmax attention of chosen query rows over a decoder layer's keys, [B, H, R, N].
+
     query_rows: [B, H, R, d] (after RoPE); key: [B, H_kv, N, d] (after RoPE; grouped-query
     heads are expanded as ``repeat_kv`` does); valid: [B, R, N] bool, the keys each row may
     see (causal + padding). The softmax runs over the whole visible row before any
@@ -167,7 +175,24 @@ def query_rows_attention(query_rows: torch.Tensor, key: torch.Tensor, scale: flo
     """
     key = key.float().repeat_interleave(query_rows.shape[1] // key.shape[1], dim=1)
     logits = (query_rows.float() @ key.transpose(-1, -2)) * scale  # [B, H, R, N]
-    return logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1).mean(dim=1)
+    return logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1)
+
+
+def rope_only_logits(rows: tuple[torch.Tensor, torch.Tensor], columns: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """The attention logits positions alone produce: all-ones q and k rotated by RoPE, [B, R, N].
+
+    rows / columns: (cos, sin) [B, R, d] / [B, N, d] of the query rows and key columns, as
+    the layer rotates q and k (x cos + rotate_half(x) sin, the transformers convention).
+    SparseVLM+'s "attention gravity" (METHODS.md C3, official v2.0 code): the positional
+    bias that the text-to-visual attention is divided by.
+    """
+
+    def rotated_ones(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = cos.shape[-1] // 2
+        sign = torch.cat([cos.new_full((half,), -1.0), cos.new_ones(cos.shape[-1] - half)]).float()
+        return cos.float() + sign * sin.float()  # ones * cos + rotate_half(ones) * sin
+
+    return (rotated_ones(*rows) @ rotated_ones(*columns).transpose(-1, -2)) * scale
 
 
 def head_mean_logits(query_rows: torch.Tensor, key_columns: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""SparseVLM, v1.5 selection (arXiv 2410.04417, sec. 3.2-3.3; METHODS.md C3).
+"""SparseVLM v1.5 and SparseVLM+ (the v2 mode) (arXiv 2410.04417, sec. 3.2-3.4; METHODS.md C3).
 
 The relevant text tokens decide which visual tokens matter:
 
@@ -9,17 +9,23 @@ The relevant text tokens decide which visual tokens matter:
 * Scores (sec. 3.3): at each pruning layer, the attention of the rater queries of
   *that* layer (softmax over each whole causal row, probe P2 from the layer's q and
   k after RoPE), averaged over heads and raters, restricted to the visual tokens.
+  Mode ``"v2"`` (SparseVLM+) first divides it by the RoPE-only attention and keeps
+  only the priority heads (:mod:`.plus`).
 * Sparsification: the top-k visual tokens survive from the next layer on, k
   following the official per-layer schedule for the chosen setting: kept tokens
-  after layers 2 / 6 / 15 of LLaVA-1.5-7B's 32 are 192 -> (300, 200, 110),
-  128 -> (303, 110, 36), 64 -> (66, 30, 17) of 576 ("192 / 128 / 64" are the
-  paper's layer-averaged equivalents, issues #29 / #33).
+  after layers 2 / 6 / 15 of LLaVA-1.5-7B's 32 are, in v1.5, 192 -> (300, 200, 110),
+  128 -> (303, 110, 36), 64 -> (66, 30, 17) of 576, and in v2 192 -> (300, 200, 118),
+  128 -> (238, 108, 60), 64 -> (66, 34, 20) ("192 / 128 / 64" are the paper's
+  layer-averaged equivalents, issues #29 / #33).
+* Recycling (sec. 3.4, v1.5 only, on by default as in the official v1.5 code): a few
+  DPC-kNN cluster means of the best pruned tokens survive too (:mod:`.recycling`);
+  the cut counts (:meth:`SparseVLM.cuts`, ``stats()``) include them (METHODS.md E4).
 
 Library decisions: the layers scale with depth, round(l * L / 32), exact at 32
 layers; a schedule scales with the visual count, round(k * N / 576), exact at
-576; survivors keep their original RoPE positions (the reference re-indexes them,
-convention 0.5.5). Not implemented: v1.5's recycling of pruned tokens
-(DPC-kNN clusters), the v2 mode (SparseVLM+), the re-index compat mode.
+576; survivors keep their original RoPE positions in both modes (the v1.5
+reference re-indexes them, convention 0.5.5; the re-index compat mode is not
+implemented).
 """
 
 from __future__ import annotations
@@ -30,39 +36,64 @@ from typing import Any
 
 import torch
 
-from ...config import ReductionConfig, check_layers
+from ...config import ReductionConfig, check_choice, check_layers
 from ...errors import ConfigError
-from ...ops.merge import gather_tokens, true_indices
-from ...ops.scoring import query_rows_attention, text_raters
+from ...ops.merge import TokenPlan, gather_tokens, true_indices
+from ...ops.scoring import query_rows_head_attention, rope_only_logits, text_raters
 from ...registry import register_method
 from ..inllm import CutSite, DecoderMethod, LayerAttention, query_text, top_visual
+from .plus import gravity_corrected, priority_heads_mean
+from .recycling import recycled_count, recycling_plan
 
 REFERENCE_LAYERS = (2, 6, 15)
 REFERENCE_DEPTH = 32
 REFERENCE_VISUAL = 576
-SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+MODES = ("v1.5", "v2")
+SCHEDULES = {
+    "v1.5": {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)},
+    "v2": {192: (300, 200, 118), 128: (238, 108, 60), 64: (66, 34, 20)},
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class SparseVLMConfig(ReductionConfig):
-    """SparseVLM v1.5: prune at ``layers`` (default 2 / 6 / 15 of 32, scaled to depth) to the setting's schedule.
+    """SparseVLM: prune at ``layers`` (default 2 / 6 / 15 of 32, scaled to depth) to the setting's schedule.
 
-    ``keep`` is the paper's token setting (192, 128 or 64, layer-averaged
-    equivalents of 576); or give ``schedule``, the visual tokens kept after each
-    pruning layer (absolute counts, non-increasing).
+    ``mode`` is ``"v1.5"`` (SparseVLM) or ``"v2"`` (SparseVLM+: gravity-corrected
+    attention of the priority heads, its own schedules, no recycling). ``keep`` is
+    the paper's token setting (192, 128 or 64, layer-averaged equivalents of 576);
+    or give ``schedule``, the visual tokens kept by pruning after each pruning layer
+    (absolute counts, non-increasing). ``recycle`` (v1.5 only; None = on in v1.5)
+    also keeps the DPC-kNN cluster means of the best pruned tokens, on top of the
+    schedule.
     """
 
     method = "sparsevlm"
+    mode: str = "v1.5"
     keep: int = 192
     layers: tuple[int, ...] | None = None
     schedule: tuple[int, ...] | None = None
+    recycle: bool | None = None
+
+    @property
+    def recycles(self) -> bool:
+        """Whether pruned tokens are recycled: ``recycle``, or v1.5's default (on) when None."""
+        return self.mode == "v1.5" if self.recycle is None else self.recycle
 
     def validate(self) -> None:
         super().validate()
+        check_choice(self, "mode", MODES)
         check_layers(self, "layers")
+        if self.recycle is not None and not isinstance(self.recycle, bool):
+            raise ConfigError(f"SparseVLMConfig: recycle={self.recycle!r} is invalid; accepted: True, False or None (on in v1.5)")
+        if self.recycle and self.mode == "v2":
+            raise ConfigError("SparseVLMConfig: recycle=True is invalid with mode='v2'; SparseVLM+ does not recycle (accepted: False or None)")
         if self.schedule is None:
-            if self.keep not in SCHEDULES:
-                raise ConfigError(f"SparseVLMConfig: keep={self.keep!r} has no official schedule; use one of {sorted(SCHEDULES)} or give schedule=(...)")
+            if self.keep not in SCHEDULES[self.mode]:
+                raise ConfigError(
+                    f"SparseVLMConfig: keep={self.keep!r} has no official {self.mode} schedule; "
+                    f"use one of {sorted(SCHEDULES[self.mode])} or give schedule=(...)"
+                )
             return
         cuts = len(REFERENCE_LAYERS) if self.layers is None else len(self.layers)
         if not isinstance(self.schedule, tuple) or len(self.schedule) != cuts:
@@ -97,14 +128,23 @@ class SparseVLM(DecoderMethod):
         return tuple(layer + 1 for layer in self.layers)
 
     def cuts(self, visual: int) -> list[tuple[int, int]]:
+        """The scheduled counts, plus the recycled tokens of each cut when recycling (they survive too).
+
+        Also remembers the pruning counts of this prompt's cuts for :meth:`select`.
+        """
         config = self.config
         if config.schedule is not None:
             if config.schedule[0] > visual:
                 raise ConfigError(f"SparseVLMConfig: schedule={config.schedule} keeps more than the {visual} visual tokens of this input")
             kept = config.schedule
         else:
-            kept = tuple(max(1, min(visual, round(k * visual / REFERENCE_VISUAL))) for k in SCHEDULES[config.keep])
-        return [(layer + 1, k) for layer, k in zip(self.layers, kept)]
+            kept = tuple(max(1, min(visual, round(k * visual / REFERENCE_VISUAL))) for k in SCHEDULES[config.mode][config.keep])
+        self._pruned_to = {layer + 1: k for layer, k in zip(self.layers, kept)}
+        cuts, current = [], visual
+        for layer, k in self._pruned_to.items():
+            current = k + recycled_count(current - k)[1] if config.recycles and k < current else min(current, k)
+            cuts.append((layer, current))
+        return cuts
 
     def observe_layers(self) -> frozenset[int]:
         return frozenset(self.layers)
@@ -112,11 +152,21 @@ class SparseVLM(DecoderMethod):
     def observe_attention(self, layer: int, attention: LayerAttention) -> Any:
         rows, weight = self._rater_rows(attention)
         query_rows, valid = attention.rows(rows)
-        probs = query_rows_attention(query_rows, attention.key, attention.scale, valid)  # [B, R, N]
-        return (probs * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True)
+        probs = query_rows_head_attention(query_rows, attention.key, attention.scale, valid)  # [B, H, R, N]
+        if self.config.mode == "v2":
+            cos, sin = (t.expand(rows.shape[0], -1, -1) for t in attention.rope())
+            rope_only = rope_only_logits((gather_tokens(cos, rows), gather_tokens(sin, rows)), (cos, sin), attention.query.shape[-1] ** -0.5)
+            per_row = priority_heads_mean(gravity_corrected(probs, rope_only, attention.visual), weight)
+        else:
+            per_row = probs.mean(dim=1)
+        return (per_row * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True)
 
-    def select(self, site: CutSite) -> torch.Tensor:
-        return top_visual(site.observed[site.layer - 1], site.visual, site.keep)
+    def select(self, site: CutSite) -> torch.Tensor | TokenPlan:
+        scores = site.observed[site.layer - 1]
+        kept = top_visual(scores, site.visual, self._pruned_to[site.layer])
+        if site.keep == kept.shape[1]:
+            return kept
+        return recycling_plan(site.hidden, scores, site.visual, kept)
 
     @staticmethod
     def _rater_rows(attention: LayerAttention) -> tuple[torch.Tensor, torch.Tensor]:
