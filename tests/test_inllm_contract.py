@@ -29,10 +29,15 @@ CASES = {
     "pdrop": (tr.PDropConfig(layers=(1, 2, 3), lam=1.0), tr.PDropConfig(layers=(1, 2, 3), lam=0.5), [144, 72, 36, 18]),
     "dart": (tr.DARTConfig(ratio=0.0), tr.DARTConfig(layer=2, keep=30), [144, 144, 30, 30]),
     # 2 / 6 / 15 of 32 layers scale to 0 / 1 / 2 of 4: cuts at 1 / 2 / 3
-    "sparsevlm": (tr.SparseVLMConfig(schedule=(144, 144, 144)), tr.SparseVLMConfig(schedule=(100, 50, 20)), [144, 100, 50, 20]),
+    # v1.5 recycles: 44 pruned -> int(13.2) + 1 = 14 candidates -> 2 clusters (102); 52 -> 16 -> 2 (52); 32 -> 10 -> 2 (22)
+    "sparsevlm": (tr.SparseVLMConfig(schedule=(144, 144, 144)), tr.SparseVLMConfig(schedule=(100, 50, 20)), [144, 102, 52, 22]),
+    "sparsevlm_pruning": (tr.SparseVLMConfig(schedule=(144, 144, 144), recycle=False), tr.SparseVLMConfig(schedule=(100, 50, 20), recycle=False),
+                          [144, 100, 50, 20]),
+    "sparsevlm_v2": (tr.SparseVLMConfig(mode="v2", schedule=(144, 144, 144)), tr.SparseVLMConfig(mode="v2", schedule=(100, 50, 20)),
+                     [144, 100, 50, 20]),
     "ficoco_l": (tr.FiCoCoLConfig(start_layer=0, r=0), tr.FiCoCoLConfig(start_layer=0), [144, 144, 130, 116]),
 }
-MERGING = {"ficoco_l"}  # folds discarded tokens into kept ones: not equal to masking them
+MERGING = {"ficoco_l", "sparsevlm"}  # folds discarded tokens into kept ones: not equal to masking them
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
 
 
@@ -369,7 +374,11 @@ def test_pdrop_defaults_and_budget_solver():
     (lambda: tr.SparseVLMConfig(schedule=(50, 100, 20)), r"schedule=\(50, 100, 20\) must not increase"),
     (lambda: tr.SparseVLMConfig(schedule=(50, 20)), r"one kept count per pruning layer \(3\)"),
     (lambda: tr.SparseVLMConfig(schedule=(50, 0, 0)), r"kept counts are ints >= 1"),
-    (lambda: tr.SparseVLMConfig(keep=100), r"keep=100 has no official schedule; use one of \[64, 128, 192\]"),
+    (lambda: tr.SparseVLMConfig(keep=100), r"keep=100 has no official v1.5 schedule; use one of \[64, 128, 192\]"),
+    (lambda: tr.SparseVLMConfig(mode="v2", keep=96), r"keep=96 has no official v2 schedule; use one of \[64, 128, 192\]"),
+    (lambda: tr.SparseVLMConfig(mode="v3"), r"mode='v3' is invalid; accepted: v1.5, v2"),
+    (lambda: tr.SparseVLMConfig(mode="v2", recycle=True), r"recycle=True is invalid with mode='v2'; SparseVLM\+ does not recycle"),
+    (lambda: tr.SparseVLMConfig(recycle="yes"), r"recycle='yes' is invalid; accepted: True, False or None"),
     (lambda: tr.SparseVLMConfig(layers=(6, 2, 15)), r"layers=\(6, 2, 15\) must be strictly increasing"),
     (lambda: tr.FiCoCoLConfig(r=3, keep=10), r"give one of r=..., keep=... or ratio=..."),
     (lambda: tr.FiCoCoLConfig(beta=1.5), r"beta=1.5 is invalid"),

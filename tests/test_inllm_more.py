@@ -75,7 +75,7 @@ def test_sparsevlm_keeps_the_top_of_the_raters_eager_attention(model, batch):
     for b in range(len(ids)):
         score = attentions[0][b][:, raters_of(embeds, ids, mask, b)].mean(dim=0).mean(dim=0)  # heads, then raters
         expected.append(top_of(score, (ids[b] == vf.IMAGE_TOKEN).nonzero()[:, 0], 100))
-    with tr.apply(model, tr.SparseVLMConfig(schedule=(100, 50, 20))) as handle:
+    with tr.apply(model, tr.SparseVLMConfig(schedule=(100, 50, 20), recycle=False)) as handle:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         kept = handle.stats()["kept"]
@@ -87,7 +87,7 @@ def test_sparsevlm_second_cut_scores_the_reduced_sequence_like_eager_attention_w
     """After a cut, the raters' rows of layer 1 over the survivors equal eager attention at full length with dropped columns masked."""
     ids, mask = batch
     pixels = vf.pixels(3, seed=9)
-    with tr.apply(model, tr.SparseVLMConfig(schedule=(100, 50, 20))) as handle:
+    with tr.apply(model, tr.SparseVLMConfig(schedule=(100, 50, 20), recycle=False)) as handle:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         kept = handle.stats()["kept"]
@@ -119,10 +119,11 @@ def test_sparsevlm_second_cut_scores_the_reduced_sequence_like_eager_attention_w
 
 def test_sparsevlm_defaults_are_the_official_schedules():
     facts = {"num_layers": 32, "reducible_tokens": 576}
-    assert SparseVLM(tr.SparseVLMConfig(), facts).cuts(576) == [(3, 300), (7, 200), (16, 110)]  # pruned after layers 2 / 6 / 15
-    assert SparseVLM(tr.SparseVLMConfig(keep=128), facts).cuts(576) == [(3, 303), (7, 110), (16, 36)]
-    assert SparseVLM(tr.SparseVLMConfig(keep=64), facts).cuts(576) == [(3, 66), (7, 30), (16, 17)]
-    assert SparseVLM(tr.SparseVLMConfig(), {"num_layers": 4, "reducible_tokens": 144}).cuts(144) == [(1, 75), (2, 50), (3, 28)]
+    pruning = {"recycle": False}
+    assert SparseVLM(tr.SparseVLMConfig(**pruning), facts).cuts(576) == [(3, 300), (7, 200), (16, 110)]  # pruned after layers 2 / 6 / 15
+    assert SparseVLM(tr.SparseVLMConfig(keep=128, **pruning), facts).cuts(576) == [(3, 303), (7, 110), (16, 36)]
+    assert SparseVLM(tr.SparseVLMConfig(keep=64, **pruning), facts).cuts(576) == [(3, 66), (7, 30), (16, 17)]
+    assert SparseVLM(tr.SparseVLMConfig(**pruning), {"num_layers": 4, "reducible_tokens": 144}).cuts(144) == [(1, 75), (2, 50), (3, 28)]
 
 
 def ficoco_l_oracle(model, ids, mask, pixels, layer: int, r: int, additive: bool, task: str):

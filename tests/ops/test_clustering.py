@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+from clustering_oracle import loop_dpc_knn
 
 from tokenreduce.ops.clustering import dpc_knn
 
@@ -24,17 +23,6 @@ def test_dpc_knn_on_points_of_a_line():
     centres, assignment = dpc_knn(LINE.view(1, 6, 1), clusters=3, k=3)
     assert centres.tolist() == [[1, 4, 5]]
     assert assignment.tolist() == [[0, 0, 0, 1, 1, 2]]
-
-
-def loop_dpc_knn(points: torch.Tensor, clusters: int, k: int) -> tuple[list[int], list[int]]:
-    n, channels = points.shape
-    d = [[math.dist(points[i].tolist(), points[j].tolist()) / channels**0.5 for j in range(n)] for i in range(n)]
-    rho = [math.exp(-sum(v * v for v in sorted(row)[:k]) / k) for row in d]
-    largest = max(max(row) for row in d)
-    delta = [min([d[i][j] for j in range(n) if rho[j] > rho[i]], default=largest) for i in range(n)]
-    centres = sorted(range(n), key=lambda i: -rho[i] * delta[i])[:clusters]
-    assignment = [centres.index(i) if i in centres else min(range(clusters), key=lambda c: d[centres[c]][i]) for i in range(n)]
-    return centres, assignment
 
 
 def test_dpc_knn_equals_a_plain_loop_per_sample():
