@@ -17,43 +17,52 @@ The relevant text tokens decide which visual tokens matter:
 
 Library decisions: the layers scale with depth, round(l * L / 32), exact at 32
 layers; a schedule scales with the visual count, round(k * N / 576), exact at
-576; survivors keep their original RoPE positions (the reference re-indexes them,
+576. An ``equivalent_tokens`` / ``tflops`` budget (sec. E5) takes the published
+schedule nearest the target and scales it by one factor s, round(k * s * N / 576)
+(at least 1, at most N), solved so that the budget is met; s = 1 is the published
+schedule, reached at its own T_eq: with the cuts after layers 2 / 6 / 15 of 32 that is
+202.75 / 140.81 / 79.19 for the "192 / 128 / 64" settings (the labels understate it,
+issues #29 / #33), so ``keep`` keeps naming the settings. Survivors keep their original RoPE positions (the reference re-indexes them,
 convention 0.5.5). Not implemented: v1.5's recycling of pruned tokens
 (DPC-kNN clusters), the v2 mode (SparseVLM+), the re-index compat mode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ...config import ReductionConfig, check_layers
+from ...budget import Knob
+from ...config import check_layers
 from ...errors import ConfigError
 from ...ops.merge import gather_tokens, true_indices
 from ...ops.scoring import query_rows_attention, text_raters
 from ...registry import register_method
-from ..inllm import CutSite, DecoderMethod, LayerAttention, query_text, top_visual
+from ..inllm import CutSite, Cuts, DecoderBudgetConfig, DecoderMethod, LayerAttention, query_text, top_visual
 
 REFERENCE_LAYERS = (2, 6, 15)
 REFERENCE_DEPTH = 32
 REFERENCE_VISUAL = 576
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+DEFAULT_SETTING = 192
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseVLMConfig(ReductionConfig):
+class SparseVLMConfig(DecoderBudgetConfig):
     """SparseVLM v1.5: prune at ``layers`` (default 2 / 6 / 15 of 32, scaled to depth) to the setting's schedule.
 
     ``keep`` is the paper's token setting (192, 128 or 64, layer-averaged
-    equivalents of 576); or give ``schedule``, the visual tokens kept after each
-    pruning layer (absolute counts, non-increasing).
+    equivalents of 576; default 192); or give ``schedule``, the visual tokens kept after each
+    pruning layer (absolute counts, non-increasing), or an ``equivalent_tokens`` / ``tflops`` budget.
     """
 
     method = "sparsevlm"
-    keep: int = 192
+    budget_fields: ClassVar[tuple[str, ...]] = ("keep", "schedule")
+    keep: int | None = None
     layers: tuple[int, ...] | None = None
     schedule: tuple[int, ...] | None = None
 
@@ -61,7 +70,7 @@ class SparseVLMConfig(ReductionConfig):
         super().validate()
         check_layers(self, "layers")
         if self.schedule is None:
-            if self.keep not in SCHEDULES:
+            if self.keep is not None and self.keep not in SCHEDULES:
                 raise ConfigError(f"SparseVLMConfig: keep={self.keep!r} has no official schedule; use one of {sorted(SCHEDULES)} or give schedule=(...)")
             return
         cuts = len(REFERENCE_LAYERS) if self.layers is None else len(self.layers)
@@ -96,15 +105,22 @@ class SparseVLM(DecoderMethod):
     def cut_layers(self) -> tuple[int, ...]:
         return tuple(layer + 1 for layer in self.layers)
 
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
+    def configured_cuts(self, visual: int) -> Cuts:
         config = self.config
-        if config.schedule is not None:
-            if config.schedule[0] > visual:
-                raise ConfigError(f"SparseVLMConfig: schedule={config.schedule} keeps more than the {visual} visual tokens of this input")
-            kept = config.schedule
-        else:
-            kept = tuple(max(1, min(visual, round(k * visual / REFERENCE_VISUAL))) for k in SCHEDULES[config.keep])
-        return [(layer + 1, k) for layer, k in zip(self.layers, kept)]
+        if config.schedule is None:
+            return self._scaled(visual, SCHEDULES[DEFAULT_SETTING if config.keep is None else config.keep], 1.0)
+        if config.schedule[0] > visual:
+            raise ConfigError(f"SparseVLMConfig: schedule={config.schedule} keeps more than the {visual} visual tokens of this input")
+        return [(layer + 1, k) for layer, k in zip(self.layers, config.schedule)]
+
+    def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
+        """The published schedule whose own T_eq / FLOPs is nearest the target, scaled by s (sec. E5)."""
+        nearest = min(SCHEDULES.values(), key=lambda kept: abs(measure(self._scaled(visual, kept, 1.0)) - target))
+        return Knob("scale", 0.0, REFERENCE_VISUAL / min(nearest), integer=False, schedule=lambda s: self._scaled(visual, nearest, s))
+
+    def _scaled(self, visual: int, kept: tuple[int, ...], scale: float) -> Cuts:
+        """A 576-token schedule ``kept`` times ``scale``, on ``visual`` tokens (each cut keeps 1 .. visual)."""
+        return [(layer + 1, max(1, min(visual, round(k * scale * visual / REFERENCE_VISUAL)))) for layer, k in zip(self.layers, kept)]
 
     def observe_layers(self) -> frozenset[int]:
         return frozenset(self.layers)
