@@ -214,10 +214,12 @@ class DecoderMethod(Method):
         if config.equivalent_tokens is None and config.tflops is None:
             return self.configured_cuts(visual)
         if config.tflops is None:
-            return self._solve(visual, "equivalent_tokens", config.equivalent_tokens, 1.0, lambda cuts: self.equivalent_tokens(visual, cuts))
+            return self._solve(visual, "equivalent_tokens", config.equivalent_tokens, 1.0, lambda cuts: self.equivalent_tokens(visual, cuts),
+                               f"{visual} visual tokens")
         if length is None:
             raise ValueError(f"tokenreduce: {type(config).__name__}(tflops=...) is solved per prompt and needs its length")
-        return self._solve(visual, "tflops", config.tflops, TERA, lambda cuts: self.prefill_flops(visual, length, cuts))
+        return self._solve(visual, "tflops", config.tflops, TERA, lambda cuts: self.prefill_flops(visual, length, cuts),
+                           f"{visual} visual tokens of {length}")
 
     def configured_cuts(self, visual: int) -> Cuts:
         """:meth:`cuts` from the method's own knobs (keep, ratio, lambda, schedule, r, or its defaults)."""
@@ -240,8 +242,11 @@ class DecoderMethod(Method):
         text = length - visual
         return self.facts["decoder"].prefill_flops([text + n for n in visual_per_layer(visual, cuts, self.num_layers)])
 
-    def _solve(self, visual: int, field: str, target: float, unit: float, measure: Callable[[Cuts], float]) -> Cuts:
-        """The generic budget solver: the knob's schedule whose ``measure`` is the largest not above ``target * unit``."""
+    def _solve(self, visual: int, field: str, target: float, unit: float, measure: Callable[[Cuts], float], prompt: str) -> Cuts:
+        """The generic budget solver: the knob's schedule whose ``measure`` is the largest not above ``target * unit``.
+
+        ``prompt`` describes the prompt for the error that states the reachable range.
+        """
         knob = self.knob(visual, measure, target * unit)
         solved = solve_knob(knob, measure, target * unit)
         if solved is None:
@@ -249,7 +254,7 @@ class DecoderMethod(Method):
             reach = " to ".join(f"{value:.4g} ({knob.name}={x:g})" for value, x in ends)
             first = min(self.cut_layers())
             raise ConfigError(
-                f"{type(self.config).__name__}: {field}={target:g} is out of reach for this prompt ({visual} visual tokens): "
+                f"{type(self.config).__name__}: {field}={target:g} is out of reach for this prompt ({prompt}): "
                 f"its schedules reach {field} {reach}, cutting from layer {first} of a {self.num_layers}-layer decoder; "
                 f"the layers before the first cut see all {visual} visual tokens"
             )
