@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -121,7 +122,7 @@ def transformer_block_flops(
     n_tokens: int,
     dim: int,
     mlp_dim: int,
-    n_kv_heads_ratio: float = 1.0,
+    n_kv_heads_ratio: float | Fraction = 1.0,
     mlp_matrices: int = 2,
     attention_dim: int | None = None,
 ) -> int:
@@ -145,8 +146,9 @@ def transformer_block_flops(
     cross-checks the counter exactly. The ``n^2`` term is why reducing tokens early
     pays more than linearly.
 
-    ``n_kv_heads_ratio`` is ``n_kv_heads / n_heads`` in ``(0, 1]``; ``ratio * attention_dim``
-    (the K/V projection width) must be a whole number.
+    ``n_kv_heads_ratio`` is ``n_kv_heads / n_heads`` in ``(0, 1]`` (a :class:`~fractions.Fraction`
+    keeps it exact, e.g. 4 / 28); ``ratio * attention_dim`` (the K/V projection width) must be a
+    whole number.
     """
     if not 0.0 < n_kv_heads_ratio <= 1.0:
         raise ValueError(f"n_kv_heads_ratio must be in (0, 1], got {n_kv_heads_ratio}")

@@ -58,7 +58,7 @@ class DecoderShape:
 
     def layer_flops(self, tokens: int) -> int:
         """FLOPs of one decoder layer's prefill on ``tokens`` tokens (:func:`transformer_block_flops`)."""
-        return transformer_block_flops(tokens, self.hidden, self.intermediate, Fraction(self.kv_heads, self.heads),  # type: ignore[arg-type]
+        return transformer_block_flops(tokens, self.hidden, self.intermediate, Fraction(self.kv_heads, self.heads),
                                        mlp_matrices=3, attention_dim=self.heads * self.head_dim)
 
     def prefill_flops(self, lengths: Sequence[int]) -> int:
