@@ -222,3 +222,8 @@ def test_tflops_end_to_end_is_solved_at_the_prefill(model, inputs):
 def test_an_unreachable_equivalent_token_count_is_refused_at_apply(model):
     with pytest.raises(ConfigError, match=r"reach equivalent_tokens 72 \(keep=0\) to 144 \(keep=144\), cutting from layer 2 of a 4-layer"):
         tr.apply(model, tr.FastVConfig(layer=2, equivalent_tokens=50))
+
+
+def test_a_tflops_budget_needs_an_adapter_that_describes_the_decoder():
+    with pytest.raises(ConfigError, match=r"FastVConfig: tflops needs the decoder's dimensions"):
+        FastV(tr.FastVConfig(tflops=2.0), {"num_layers": 32, "reducible_tokens": 576})
