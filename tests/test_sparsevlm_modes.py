@@ -115,3 +115,14 @@ def test_modes_defaults_and_schedules():
     assert SparseVLM(tr.SparseVLMConfig(mode="v2", keep=64), facts).cuts(576) == [(3, 66), (7, 34), (16, 20)]
     # v1.5 recycles on top of the schedule: 276 pruned -> 83 -> 9; 109 -> 33 -> 4; 94 -> 29 -> 3
     assert SparseVLM(tr.SparseVLMConfig(), facts).cuts(576) == [(3, 309), (7, 204), (16, 113)]
+
+
+def test_pruning_count_inverts_the_recycled_cut_size():
+    """select() recovers the pruning count from the cut's size: every size a pruning count reaches maps back to one reaching it."""
+    from tokenreduce.methods.sparsevlm.recycling import pruning_count, with_recycling
+
+    for current in (20, 144, 576):
+        for kept in range(1, current + 1):
+            total = with_recycling(current, [(1, kept)])[0][1]
+            back = pruning_count(current, total)
+            assert back >= kept and with_recycling(current, [(1, back)])[0][1] == total

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
+
+Schedule = TypeVar("Schedule")
+BISECTION_STEPS = 64  # halvings of a continuous knob's range: far below any change of an integer schedule
 
 
 def tokens_to_remove(reducible: int, keep: int | None, ratio: float | None, who: str) -> int:
@@ -103,3 +108,60 @@ def pyramid_ratio(target: float, stages: Sequence[int], num_layers: int, toleran
         mid = (low + high) / 2
         low, high = (mid, high) if average(mid) < target else (low, mid)
     return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class Knob(Generic[Schedule]):
+    """A method's one-parameter family of schedules, the thing a budget is solved into (METHODS.md sec. E5).
+
+    ``schedule(x)`` for ``x`` in ``[low, high]`` must be monotone: a larger ``x``
+    never keeps fewer tokens at any layer, so every measure that grows with the
+    tokens (T_eq, FLOPs) is non-decreasing in ``x``. ``integer`` knobs (a kept count)
+    are searched over the integers, continuous ones (PDrop's lambda, a scale) by
+    bisection.
+    """
+
+    name: str
+    low: float
+    high: float
+    integer: bool
+    schedule: Callable[[float], Schedule]
+
+
+def solve_knob(knob: Knob[Schedule], measure: Callable[[Schedule], float], target: float) -> tuple[float, Schedule] | None:
+    """The schedule whose measure is the largest not exceeding ``target``, and its knob value; None if none is that low.
+
+    Largest-not-exceeding (rather than closest) makes a budget a guarantee: the
+    achieved T_eq or FLOPs never exceeds what was asked, and one step more of the
+    knob would. Among knob values that reach that best measure (a schedule of
+    integer counts is constant over an interval of a continuous knob) the smallest
+    is returned, so the answer is canonical: PDrop's lambda for T_eq = 270 of 576
+    at 32 layers is exactly 0.5, the closed form of sec. E5.
+    """
+    if measure(knob.schedule(knob.low)) > target:
+        return None
+    best, _ = _split(knob, knob.low, knob.high, lambda x: measure(knob.schedule(x)) <= target)
+    achieved = measure(knob.schedule(best))
+    _, value = _split(knob, knob.low, best, lambda x: measure(knob.schedule(x)) < achieved)
+    return value, knob.schedule(value)
+
+
+def _split(knob: Knob, low: float, high: float, holds: Callable[[float], bool]) -> tuple[float, float]:
+    """(last x that holds, first x that fails) in [low, high] for a predicate that holds, then fails, as x grows.
+
+    At the ends: (high, high) if it never fails, (low, low) if it fails at once.
+    Integer knobs are searched over the integers, continuous ones bisected
+    :data:`BISECTION_STEPS` times.
+    """
+    if holds(high):
+        return high, high
+    if not holds(low):
+        return low, low
+    if knob.integer:
+        low, high = int(low), int(high)
+    for _ in range(BISECTION_STEPS):
+        if knob.integer and high - low <= 1:
+            break
+        mid = (low + high) // 2 if knob.integer else (low + high) / 2
+        low, high = (mid, high) if holds(mid) else (low, mid)
+    return low, high

@@ -28,7 +28,9 @@ on the decoder layers rewrite their inputs:
   per forward; nothing is re-run to obtain scores.
 * The decoder's output covers the survivors only, so a prefill's logits are
   shorter than the prompt (as in FastV's inplace mode); ``stats()`` reports the
-  sequence length at every layer.
+  sequence length at every layer, and from it the prefill FLOPs
+  (:class:`~tokenreduce.methods.inllm.DecoderShape`, whose dimensions
+  :func:`decoder_shape` reads for the adapters' ``facts["decoder"]``).
 
 Scores. The LLM's attention implementation is switched to ``tokenreduce_sdpa``
 (registered in transformers' ``AttentionInterface`` and, with the SDPA mask
@@ -65,7 +67,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..methods.inllm import CutSite, DecoderMethod, LayerAttention, visible_keys
+from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, visible_keys, visual_per_layer
 from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
@@ -91,6 +93,16 @@ def _register_probe_attention() -> None:
 
     AttentionInterface.register(PROBE_ATTENTION, probe_attention)
     AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+
+
+def decoder_shape(config: Any) -> DecoderShape:
+    """The dimensions of a Llama-family decoder from its (text) config, for ``facts["decoder"]`` (FLOPs budgets and stats)."""
+    heads = config.num_attention_heads
+    return DecoderShape(
+        hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, layers=config.num_hidden_layers,
+    )
 
 
 def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -147,6 +159,7 @@ class DecoderRun:
     current: Pass | None = None
     prefill: Prefill | None = None
     prefills: int = 0
+    batch: int = 0  # samples in the last prefill
     images: int = 0
     visual_in: int = 0
     visual_per_layer: list[int] = field(default_factory=list)
@@ -159,6 +172,14 @@ class DecoderRun:
         self.pending_visual = visual
 
     def stats(self) -> dict[str, Any]:
+        """What the last prefill did: visual tokens and sequence length per layer, T_eq (METHODS.md sec. E4), cache, FLOPs.
+
+        ``prefill_flops`` / ``prefill_flops_full`` are that prefill's decoder FLOPs for
+        the whole batch with and without the reduction, in the scope
+        :class:`DecoderShape` documents (decoder layers' matrix products at each
+        layer's length; no LM head, no scoring), ``prefill_flops_ratio`` their
+        quotient; all None before a prefill or without ``facts["decoder"]``.
+        """
         layers = len(self.layers)
         visual = self.visual_per_layer or [self.visual_in] * layers
         stats: dict[str, Any] = {
@@ -169,12 +190,21 @@ class DecoderRun:
             "sequence_per_layer": list(self.sequence_per_layer),
             "equivalent_tokens": sum(visual) / layers,
             "kv_cache_bytes": self.kv_cache_bytes,
+            **self._flops(),
             "kept": {layer: [list(row) for row in rows] for layer, rows in self.kept.items()},
             "prefills": self.prefills,
         }
         if self.images == 0 and self.prefills:
             stats["note"] = "no image in the last prompt: nothing to reduce"
         return stats
+
+    def _flops(self) -> dict[str, Any]:
+        shape: DecoderShape | None = self.method.facts.get("decoder")
+        if shape is None or not self.sequence_per_layer:
+            return {"prefill_flops": None, "prefill_flops_full": None, "prefill_flops_ratio": None}
+        reduced = self.batch * shape.prefill_flops(self.sequence_per_layer)
+        full = self.batch * shape.prefill_flops([self.sequence_per_layer[0]] * len(self.layers))  # layer 0 is never cut
+        return {"prefill_flops": reduced, "prefill_flops_full": full, "prefill_flops_ratio": reduced / full}
 
     def reset(self) -> None:
         self.current, self.prefill, self.prefills = None, None, 0
@@ -186,7 +216,8 @@ class DecoderRun:
         cache = kwargs.get("past_key_values")
         mask2d = kwargs.get("attention_mask")
         embeds = kwargs.get("inputs_embeds")
-        length = (embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)).shape[1]
+        tokens = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        length = tokens.shape[1]
         self.current = None
         prefill = self.prefill
         if prefill is not None and cache is not None and prefill.cache is not None and prefill.cache() is cache:
@@ -198,6 +229,7 @@ class DecoderRun:
                 raise ValueError("tokenreduce: an image in a prompt that continues an existing KV cache is not supported")
             return
         self.prefills += 1
+        self.batch = tokens.shape[0]
         self.prefill, self.kept, self.kv_cache_bytes = None, {}, None
         batch = visual.shape[0] if visual is not None else 1
         self.images, self.visual_in = 0, 0
@@ -212,7 +244,7 @@ class DecoderRun:
                 f"in every sample, got {counts.tolist()}; batch prompts with the same images count together"
             )
         n = int(counts[0])
-        cuts = self.method.cuts(n)
+        cuts = self.method.cuts(n, length)
         self.images, self.visual_in = batch, n
         self._record_schedule(n, length, cuts)
         if all(keep >= n for _, keep in cuts):
@@ -227,11 +259,7 @@ class DecoderRun:
         )
 
     def _record_schedule(self, n: int, length: int, cuts: list[tuple[int, int]]) -> None:
-        visual, at = [], dict(cuts)
-        current = n
-        for layer in range(len(self.layers)):
-            current = min(current, at.get(layer, current))
-            visual.append(current)
+        visual = visual_per_layer(n, cuts, len(self.layers))
         self.visual_per_layer = visual
         self.sequence_per_layer = [length - (n - v) for v in visual]
 

@@ -63,7 +63,7 @@ from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, reduce_module_output, replace_forward
 from ..registry import register_adapter
 from .base import Adapter, Undo
-from .decoder import DecoderRun, attach_decoder
+from .decoder import DecoderRun, attach_decoder, decoder_shape
 from .vit import VitTowerAdapter
 
 _LLAVA = "transformers.models.llava.modeling_llava"
@@ -455,7 +455,8 @@ class LlavaAdapter(Adapter):
         if self.site == "projector_output":
             facts.update(num_layers=1, default_layer=0, protected_tokens=0 if self.drop_cls else self.tower.protected)
         if self.site == "llm":
-            facts.update(num_layers=len(self.inner.language_model.layers), reducible_tokens=self.placeholders())
+            facts.update(num_layers=len(self.inner.language_model.layers), reducible_tokens=self.placeholders(),
+                         decoder=decoder_shape(self.inner.language_model.config))
         return facts
 
     def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:

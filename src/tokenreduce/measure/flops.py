@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -121,8 +122,9 @@ def transformer_block_flops(
     n_tokens: int,
     dim: int,
     mlp_dim: int,
-    n_kv_heads_ratio: float = 1.0,
+    n_kv_heads_ratio: float | Fraction = 1.0,
     mlp_matrices: int = 2,
+    attention_dim: int | None = None,
 ) -> int:
     """Analytic FLOPs (2 x MACs) of one transformer block on ``n_tokens`` tokens.
 
@@ -132,6 +134,10 @@ def transformer_block_flops(
       to ``d * (ratio*d)``, giving ``2*n*d^2 + 2*n*d^2*ratio``;
     * attention: ``2*n^2*d`` (``Q K^T`` and ``A V``, over all query heads, so GQA does
       not change it);
+    * ``attention_dim`` (heads x head dim, default ``dim``) replaces ``d`` as the width
+      of Q, O and the attention products where a model's heads do not tile its hidden
+      size (an explicit ``head_dim``): QKVO is then ``2*n*d*a + 2*n*d*(ratio*a)`` and
+      attention ``2*n^2*a``;
     * MLP: ``mlp_matrices*n*d*m`` (2 for a plain MLP, 3 for a gated one such as SwiGLU).
 
     Norms, softmax, activations and biases are ignored, matching what
@@ -140,18 +146,20 @@ def transformer_block_flops(
     cross-checks the counter exactly. The ``n^2`` term is why reducing tokens early
     pays more than linearly.
 
-    ``n_kv_heads_ratio`` is ``n_kv_heads / n_heads`` in ``(0, 1]``; ``ratio * dim``
-    (the K/V projection width) must be a whole number.
+    ``n_kv_heads_ratio`` is ``n_kv_heads / n_heads`` in ``(0, 1]`` (a :class:`~fractions.Fraction`
+    keeps it exact, e.g. 4 / 28); ``ratio * attention_dim`` (the K/V projection width) must be a
+    whole number.
     """
     if not 0.0 < n_kv_heads_ratio <= 1.0:
         raise ValueError(f"n_kv_heads_ratio must be in (0, 1], got {n_kv_heads_ratio}")
-    kv_dim = n_kv_heads_ratio * dim
+    width = dim if attention_dim is None else attention_dim
+    kv_dim = n_kv_heads_ratio * width
     if kv_dim != round(kv_dim):
         raise ValueError(
             f"n_kv_heads_ratio * dim must be a whole number (the K/V width), got {kv_dim}"
         )
     n, d, m = n_tokens, dim, mlp_dim
-    qkvo_macs = 2 * n * d * d + 2 * n * d * round(kv_dim)
-    attention_macs = 2 * n * n * d
+    qkvo_macs = 2 * n * d * width + 2 * n * d * round(kv_dim)
+    attention_macs = 2 * n * n * width
     mlp_macs = mlp_matrices * n * d * m
     return 2 * (qkvo_macs + attention_macs + mlp_macs)

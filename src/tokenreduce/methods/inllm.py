@@ -1,7 +1,9 @@
 """What an in-LLM method is (hooks H4/H5, METHODS.md sec. C): cuts of the visual tokens at decoder layers.
 
 An in-LLM method states *where* it cuts and *how many* visual tokens survive each
-cut (:meth:`DecoderMethod.cuts`, solved from the user's budget), *what* it must see
+cut (:meth:`DecoderMethod.cuts`, from its own knobs or solved from an
+``equivalent_tokens`` / ``tflops`` budget through its :meth:`DecoderMethod.knob`,
+METHODS.md sec. E4-E5), *what* it must see
 of an earlier layer's attention (:meth:`DecoderMethod.observe_attention`, fed by
 the attention-function probe with that layer's q and k, :class:`LayerAttention`)
 and *which* visual tokens it keeps at a cut (:meth:`DecoderMethod.select`: kept
@@ -13,19 +15,98 @@ hidden states, positions, masks and the KV cache is the decoder machinery's job
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import torch
 
-from ..budget import tokens_to_remove
-from ..config import BudgetConfig
+from ..budget import Knob, solve_knob, tokens_to_remove
+from ..config import BudgetConfig, ReductionConfig
 from ..errors import ConfigError
+from ..measure.flops import transformer_block_flops
 from ..ops.merge import TokenPlan, kept_first, last_true
 from .base import Method
 
 RowProbe = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+Cuts = list[tuple[int, int]]
+TERA = 1e12
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The language model's dimensions, all the prefill FLOPs model needs (METHODS.md sec. E2); ``facts["decoder"]``.
+
+    What is counted, per sample and in FLOPs (2 x MACs, sec. E1): the matrix
+    products of every decoder layer at the sequence length that layer actually
+    runs on, i.e. the q/k/v/o projections (grouped-query K/V narrower), Q K^T and
+    A V over the full n x n square (causal masking is not discounted, as in
+    ``FlopCounterMode``) and a gated (SwiGLU, three-matrix) MLP. Not counted: the
+    LM head (its cost depends on how many logits the caller keeps, not on the
+    reduction), embeddings, the vision tower and projector, norms, softmax and
+    elementwise ops, and a method's own scoring (probe rows, similarity blocks).
+    """
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+
+    def layer_flops(self, tokens: int) -> int:
+        """FLOPs of one decoder layer's prefill on ``tokens`` tokens (:func:`transformer_block_flops`)."""
+        return transformer_block_flops(tokens, self.hidden, self.intermediate, Fraction(self.kv_heads, self.heads),
+                                       mlp_matrices=3, attention_dim=self.heads * self.head_dim)
+
+    def prefill_flops(self, lengths: Sequence[int]) -> int:
+        """FLOPs of one sample's prefill when layer l runs on ``lengths[l]`` tokens (sec. E2: sum over the layers)."""
+        return sum(self.layer_flops(n) for n in lengths)
+
+
+def visual_per_layer(visual: int, cuts: Cuts, layers: int) -> list[int]:
+    """Visual tokens each of ``layers`` decoder layers runs on, for ``visual`` tokens in the prompt and these cuts."""
+    at, counts, current = dict(cuts), [], visual
+    for layer in range(layers):
+        current = min(current, at.get(layer, current))
+        counts.append(current)
+    return counts
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderBudgetConfig(ReductionConfig):
+    """The two budgets every in-LLM config accepts besides its own knobs (METHODS.md sec. E4-E5, convention 0.5.8).
+
+    ``equivalent_tokens``: the layer-averaged visual count T_eq = (1/L) sum_l n_v(l)
+    the papers report (sec. E4; merged tokens count as tokens). ``tflops``: the
+    language model's prefill TFLOPs (1e12 FLOPs = 2 x MACs) per sample for the prompt
+    at hand, as :class:`DecoderShape` counts them (decoder layers only, no LM head).
+    Either is solved into the method's schedule (:meth:`DecoderMethod.knob`): the
+    schedule whose value is the largest not exceeding the target; a target at or
+    above the unreduced model's value runs unreduced, one below the method's reach
+    is a :class:`ConfigError` stating the reachable range. A FLOPs target depends
+    on the prompt's length, so it is solved (and checked) at each prefill.
+
+    ``budget_fields`` names the config's own budget fields: at most one of them and
+    these two may be given.
+    """
+
+    budget_fields: ClassVar[tuple[str, ...]] = ()
+    equivalent_tokens: float | None = None
+    tflops: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("equivalent_tokens", "tflops"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf):
+                raise ConfigError(f"{type(self).__name__}: {name}={value!r} is invalid; expected a finite number > 0")
+        names = (*self.budget_fields, "equivalent_tokens", "tflops")
+        given = [f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{type(self).__name__}: give at most one budget of {', '.join(names)}; got {', '.join(given)}")
 
 
 @dataclass(frozen=True)
@@ -116,21 +197,72 @@ class DecoderMethod(Method):
     def __init__(self, config: Any, facts: dict[str, Any]) -> None:
         super().__init__(config, facts)
         self.cut_layers()
-        if facts["reducible_tokens"] is not None:  # None: the count depends on each prompt (AnyRes, dynamic resolution)
+        if config.tflops is not None and facts.get("decoder") is None:
+            raise ConfigError(f"{type(config).__name__}: tflops needs the decoder's dimensions, which this model's adapter does not describe")
+        # None: the count depends on each prompt (AnyRes, dynamic resolution); a FLOPs budget also needs the prompt's length
+        if facts["reducible_tokens"] is not None and config.tflops is None:
             self.cuts(facts["reducible_tokens"])
 
     def cut_layers(self) -> tuple[int, ...]:
         """The layers where cuts take effect, validated against the decoder's depth (they do not depend on the prompt)."""
         raise NotImplementedError
 
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
-        """(layer, visual tokens kept from that layer on) for a prompt with ``visual`` visual tokens per sample.
+    def cuts(self, visual: int, length: int | None = None) -> Cuts:
+        """(layer, visual tokens kept from that layer on) for a prompt of ``length`` tokens with ``visual`` visual ones per sample.
 
         Called at apply when the adapter knows the count, else at each prefill: a
         budget the prompt cannot meet raises :class:`ConfigError` there, before
-        anything runs.
+        anything runs. ``length`` is needed by a ``tflops`` budget only.
+        """
+        config = self.config
+        if config.equivalent_tokens is None and config.tflops is None:
+            return self.configured_cuts(visual)
+        if config.tflops is None:
+            return self._solve(visual, "equivalent_tokens", config.equivalent_tokens, 1.0, lambda cuts: self.equivalent_tokens(visual, cuts),
+                               f"{visual} visual tokens")
+        if length is None:
+            raise ValueError(f"tokenreduce: {type(config).__name__}(tflops=...) is solved per prompt and needs its length")
+        return self._solve(visual, "tflops", config.tflops, TERA, lambda cuts: self.prefill_flops(visual, length, cuts),
+                           f"{visual} visual tokens of {length}")
+
+    def configured_cuts(self, visual: int) -> Cuts:
+        """:meth:`cuts` from the method's own knobs (keep, ratio, lambda, schedule, r, or its defaults)."""
+        raise NotImplementedError
+
+    def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
+        """The one-parameter family a T_eq or FLOPs budget is solved over (METHODS.md sec. E5), for ``visual`` tokens.
+
+        Methods with several families (SparseVLM's published schedules) pick the one
+        whose reference point ``measure`` puts nearest ``target``.
         """
         raise NotImplementedError
+
+    def equivalent_tokens(self, visual: int, cuts: Cuts) -> float:
+        """T_eq of these cuts: the visual tokens each decoder layer runs on, averaged over the layers (sec. E4)."""
+        return sum(visual_per_layer(visual, cuts, self.num_layers)) / self.num_layers
+
+    def prefill_flops(self, visual: int, length: int, cuts: Cuts) -> int:
+        """One sample's decoder prefill FLOPs for a ``length``-token prompt with ``visual`` visual tokens (:class:`DecoderShape`)."""
+        text = length - visual
+        return self.facts["decoder"].prefill_flops([text + n for n in visual_per_layer(visual, cuts, self.num_layers)])
+
+    def _solve(self, visual: int, field: str, target: float, unit: float, measure: Callable[[Cuts], float], prompt: str) -> Cuts:
+        """The generic budget solver: the knob's schedule whose ``measure`` is the largest not above ``target * unit``.
+
+        ``prompt`` describes the prompt for the error that states the reachable range.
+        """
+        knob = self.knob(visual, measure, target * unit)
+        solved = solve_knob(knob, measure, target * unit)
+        if solved is None:
+            ends = [(measure(knob.schedule(x)) / unit, x) for x in (knob.low, knob.high)]
+            reach = " to ".join(f"{value:.4g} ({knob.name}={x:g})" for value, x in ends)
+            first = min(self.cut_layers())
+            raise ConfigError(
+                f"{type(self.config).__name__}: {field}={target:g} is out of reach for this prompt ({prompt}): "
+                f"its schedules reach {field} {reach}, cutting from layer {first} of a {self.num_layers}-layer decoder; "
+                f"the layers before the first cut see all {visual} visual tokens"
+            )
+        return solved[1]
 
     def observe_layers(self) -> frozenset[int]:
         """Layers whose attention call must report to :meth:`observe` during a prefill."""
@@ -172,9 +304,10 @@ DEFAULT_CUT_LAYER = 2  # FastV's and DART's K
 
 
 @dataclass(frozen=True, kw_only=True)
-class SingleCutConfig(BudgetConfig):
+class SingleCutConfig(DecoderBudgetConfig, BudgetConfig):
     """A budget plus the decoder layer ``layer`` (K) where one cut happens; scores come from layer K-1."""
 
+    budget_fields: ClassVar[tuple[str, ...]] = ("keep", "ratio")
     layer: int = DEFAULT_CUT_LAYER
 
     def validate(self) -> None:
@@ -186,17 +319,27 @@ class SingleCutConfig(BudgetConfig):
 
 
 class SingleCut(DecoderMethod):
-    """One cut at the config's ``layer`` K, scored at layer K-1 (FastV, DART): ``keep`` / ``ratio`` or ``default_ratio``."""
+    """One cut at the config's ``layer`` K, scored at layer K-1 (FastV, DART): ``keep`` / ``ratio`` or ``default_ratio``.
+
+    Budget knob (sec. E5): the kept count at K, an integer from 0 to all of them;
+    FastV's T_eq is (K * N + (L - K) * keep) / L (sec. E4), its FLOPs the sec. E2 sum.
+    """
 
     default_ratio: ClassVar[float]
 
     def cut_layers(self) -> tuple[int, ...]:
         return (self.check_cut_layer(self.config.layer, "layer"),)
 
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
+    def configured_cuts(self, visual: int) -> Cuts:
         config = self.config
         ratio = self.default_ratio if config.keep is None and config.ratio is None else config.ratio
-        return [(config.layer, visual - tokens_to_remove(visual, config.keep, ratio, type(config).__name__))]
+        return self._keeping(visual - tokens_to_remove(visual, config.keep, ratio, type(config).__name__))
+
+    def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
+        return Knob("keep", 0, visual, integer=True, schedule=lambda keep: self._keeping(int(keep)))
+
+    def _keeping(self, keep: int) -> Cuts:
+        return [(self.config.layer, keep)]
 
     def observe_layers(self) -> frozenset[int]:
         return frozenset({self.config.layer - 1})

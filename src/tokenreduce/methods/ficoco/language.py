@@ -27,39 +27,49 @@ on 32 layers the visual tokens drop by r at layers 6..31 (576 -> 212 at layer 31
 the reference's 27th reduction, at layer 31, changes no output). Survivors keep
 their original RoPE positions (the reference re-indexes, convention 0.5.5).
 Decisions are per sample and the visual span comes from ``input_ids``.
+
+Budgets (sec. E5): ``keep`` / ``ratio`` split the removal evenly over the reducing
+layers (remainder to the earliest); ``equivalent_tokens`` / ``tflops`` solve the
+visual count left after the last reduction for that even split (r = (N - keep) /
+layers, fractional r spread as whole tokens), with ``start_layer`` fixed: the layers
+up to it run on every visual token, so T_eq >= N * (start_layer + 2) / L and a
+smaller target needs an earlier ``start_layer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ...budget import fit_caps, proportional, tokens_to_remove
+from ...budget import Knob, fit_caps, proportional, tokens_to_remove
 from ...config import BudgetConfig, check_choice, check_range
 from ...errors import ConfigError
 from ...ops.matching import keep_top, quantile_fold
 from ...ops.merge import TokenPlan, complement, gather_tokens, true_indices
 from ...ops.scoring import head_mean_logits
 from ...registry import register_method
-from ..inllm import CutSite, DecoderMethod, LayerAttention, query_text
+from ..inllm import CutSite, Cuts, DecoderBudgetConfig, DecoderMethod, LayerAttention, query_text
 
 DEFAULT_R = 14
 DEFAULT_START = 4
 
 
 @dataclass(frozen=True, kw_only=True)
-class FiCoCoLConfig(BudgetConfig):
+class FiCoCoLConfig(DecoderBudgetConfig, BudgetConfig):
     """FiCoCo-L settings (defaults from the official code and paper, METHODS.md C5 / C6.2).
 
     Give ``r`` (visual tokens removed per reducing layer, default 14) or a budget:
     ``keep`` = visual tokens left after the last reduction, ``ratio`` = fraction
-    removed, split evenly over the reducing layers (layers > ``start_layer``).
+    removed, split evenly over the reducing layers (layers > ``start_layer``), or
+    ``equivalent_tokens`` / ``tflops`` (solved into that even split).
     """
 
     method = "ficoco_l"
+    budget_fields: ClassVar[tuple[str, ...]] = ("r", "keep", "ratio")
     r: int | None = None
     start_layer: int = DEFAULT_START
     beta: float = 0.6
@@ -70,9 +80,6 @@ class FiCoCoLConfig(BudgetConfig):
 
     def validate(self) -> None:
         super().validate()
-        given = [n for n in ("r", "keep", "ratio") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ConfigError(f"FiCoCoLConfig: give one of r=..., keep=... or ratio=... (got {given})")
         for name in ("r", "start_layer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -100,15 +107,24 @@ class FiCoCoL(DecoderMethod):
     def cut_layers(self) -> tuple[int, ...]:
         return tuple(layer + 1 for layer in self.scored_layers())
 
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
-        config, layers = self.config, self.scored_layers()
+    def configured_cuts(self, visual: int) -> Cuts:
+        config = self.config
         if config.keep is None and config.ratio is None:
-            wanted = [DEFAULT_R if config.r is None else config.r] * len(layers)
-        else:
-            wanted = proportional(tokens_to_remove(visual, config.keep, config.ratio, "FiCoCoLConfig"), [1.0] * len(layers))
+            return self._removing(visual, [DEFAULT_R if config.r is None else config.r] * len(self.scored_layers()))
+        return self._even(visual, visual - tokens_to_remove(visual, config.keep, config.ratio, "FiCoCoLConfig"))
+
+    def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
+        return Knob("keep", min(1, visual), visual, integer=True, schedule=lambda keep: self._even(visual, int(keep)))
+
+    def _even(self, visual: int, keep: int) -> Cuts:
+        """Remove visual - keep tokens split evenly over the reducing layers, remainder to the earliest."""
+        return self._removing(visual, proportional(visual - keep, [1.0] * len(self.scored_layers())))
+
+    def _removing(self, visual: int, wanted: list[int]) -> Cuts:
+        """Cuts removing ``wanted[i]`` tokens at the i-th reduction (each leaves at least one visual token)."""
         removals = fit_caps(wanted, visual, lambda n: max(0, n - 1), "FiCoCoLConfig")
         kept, cuts = visual, []
-        for layer, removed in zip(layers, removals):
+        for layer, removed in zip(self.scored_layers(), removals):
             kept -= removed
             cuts.append((layer + 1, kept))
         return cuts

@@ -14,29 +14,34 @@ re-indexes them; convention 0.5.5).
 
 Budgets: ``ratios`` gives the retention of each stage explicitly (non-increasing);
 ``keep`` (layer-averaged visual tokens, sec. E4) or ``ratio`` (layer-averaged
-fraction removed) solves lambda by bisection (sec. E5); otherwise ``lam``.
+fraction removed) solves lambda by bisection (sec. E5); otherwise ``lam``. The
+``equivalent_tokens`` / ``tflops`` budgets solve lambda for the achieved (floored)
+schedule instead, so T_eq never exceeds the target: 270 of 576 at 32 layers gives
+lambda = 0.5 as (1 + l + l^2 + l^3) / 4 = 270 / 576 does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
-from ...budget import pyramid_ratio
+from ...budget import Knob, pyramid_ratio
 from ...config import BudgetConfig, check_layers, check_range
 from ...errors import ConfigError
 from ...ops.scoring import query_rows_attention
 from ...registry import register_method
-from ..inllm import CutSite, DecoderMethod, top_visual
+from ..inllm import CutSite, Cuts, DecoderBudgetConfig, DecoderMethod, top_visual
 
 STAGES = 4
 DEFAULT_LAMBDA = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
-class PDropConfig(BudgetConfig):
+class PDropConfig(DecoderBudgetConfig, BudgetConfig):
     """Cut at ``layers`` (default: the decoder's quarter points) keeping lam**s of the visual tokens in stage s.
 
     Or give explicit per-stage ``ratios`` (retention, non-increasing), or a budget:
@@ -44,6 +49,7 @@ class PDropConfig(BudgetConfig):
     """
 
     method = "pdrop"
+    budget_fields: ClassVar[tuple[str, ...]] = ("keep", "ratio", "ratios")
     layers: tuple[int, ...] | None = None
     lam: float = DEFAULT_LAMBDA
     ratios: tuple[float, ...] | None = None
@@ -54,8 +60,6 @@ class PDropConfig(BudgetConfig):
         check_range(self, "lam", 0.0, 1.0)
         if self.ratios is None:
             return
-        if self.keep is not None or self.ratio is not None:
-            raise ConfigError("PDropConfig: give ratios or a budget (keep / ratio), not both")
         stages = STAGES - 1 if self.layers is None else len(self.layers)
         if not isinstance(self.ratios, tuple) or len(self.ratios) != stages:
             raise ConfigError(f"PDropConfig: ratios={self.ratios!r} must be a tuple with one retention per cut ({stages} cuts)")
@@ -95,11 +99,21 @@ class PDrop(DecoderMethod):
                 raise ConfigError(f"PDropConfig: keep={config.keep} is larger than the {visual} reducible tokens of this input")
             target = config.keep / visual if config.keep is not None else 1.0 - config.ratio
             lam = pyramid_ratio(target, self.layers, self.num_layers)
+        return self._pyramid(lam)
+
+    def configured_cuts(self, visual: int) -> Cuts:
+        return self._stages(visual, self.retention(visual))
+
+    def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
+        return Knob("lam", 0.0, 1.0, integer=False, schedule=lambda lam: self._stages(visual, self._pyramid(lam)))
+
+    def _pyramid(self, lam: float) -> list[float]:
+        """Retention lam**s of stage s = 1 .. S - 1."""
         return [lam ** (s + 1) for s in range(len(self.layers))]
 
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
+    def _stages(self, visual: int, retention: list[float]) -> Cuts:
         # the code floors, int(N * ratio); the slack keeps a bisection-solved lambda from flooring one token short
-        return [(layer, int(visual * r + 1e-6)) for layer, r in zip(self.layers, self.retention(visual))]
+        return [(layer, int(visual * r + 1e-6)) for layer, r in zip(self.layers, retention)]
 
     def select(self, site: CutSite) -> torch.Tensor:
         query_rows, key, valid, scale = site.row_probe()

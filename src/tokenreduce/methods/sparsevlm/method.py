@@ -23,27 +23,35 @@ The relevant text tokens decide which visual tokens matter:
 
 Library decisions: the layers scale with depth, round(l * L / 32), exact at 32
 layers; a schedule scales with the visual count, round(k * N / 576), exact at
-576; survivors keep their original RoPE positions in both modes (the v1.5
-reference re-indexes them, convention 0.5.5; the re-index compat mode is not
-implemented).
+576. An ``equivalent_tokens`` / ``tflops`` budget (sec. E5) takes the mode's published
+schedule nearest the target and scales it by one factor s, round(k * s * N / 576)
+(at least 1, at most N), solved so that the budget is met, recycled tokens counted;
+s = 1 is the published schedule, reached at its own T_eq: without recycling, with
+the cuts after layers 2 / 6 / 15 of 32, that is 202.75 / 140.81 / 79.19 for v1.5's
+"192 / 128 / 64" settings (the labels understate it, issues #29 / #33), so ``keep``
+keeps naming the settings. Survivors keep their original RoPE positions in both
+modes (the v1.5 reference re-indexes them, convention 0.5.5; the re-index compat
+mode is not implemented).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ...config import ReductionConfig, check_choice, check_layers
+from ...budget import Knob
+from ...config import check_choice, check_layers
 from ...errors import ConfigError
 from ...ops.merge import TokenPlan, gather_tokens, true_indices
 from ...ops.scoring import query_rows_head_attention, rope_only_logits, text_raters
 from ...registry import register_method
-from ..inllm import CutSite, DecoderMethod, LayerAttention, query_text, top_visual
+from ..inllm import CutSite, Cuts, DecoderBudgetConfig, DecoderMethod, LayerAttention, query_text, top_visual
 from .plus import gravity_corrected, priority_heads_mean
-from .recycling import recycled_count, recycling_plan
+from .recycling import pruning_count, recycling_plan, with_recycling
 
 REFERENCE_LAYERS = (2, 6, 15)
 REFERENCE_DEPTH = 32
@@ -53,24 +61,26 @@ SCHEDULES = {
     "v1.5": {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)},
     "v2": {192: (300, 200, 118), 128: (238, 108, 60), 64: (66, 34, 20)},
 }
+DEFAULT_SETTING = 192
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseVLMConfig(ReductionConfig):
+class SparseVLMConfig(DecoderBudgetConfig):
     """SparseVLM: prune at ``layers`` (default 2 / 6 / 15 of 32, scaled to depth) to the setting's schedule.
 
     ``mode`` is ``"v1.5"`` (SparseVLM) or ``"v2"`` (SparseVLM+: gravity-corrected
     attention of the priority heads, its own schedules, no recycling). ``keep`` is
-    the paper's token setting (192, 128 or 64, layer-averaged equivalents of 576);
-    or give ``schedule``, the visual tokens kept by pruning after each pruning layer
-    (absolute counts, non-increasing). ``recycle`` (v1.5 only; None = on in v1.5)
-    also keeps the DPC-kNN cluster means of the best pruned tokens, on top of the
-    schedule.
+    the paper's token setting (192, 128 or 64, layer-averaged equivalents of 576;
+    default 192); or give ``schedule``, the visual tokens kept by pruning after each
+    pruning layer (absolute counts, non-increasing), or an ``equivalent_tokens`` /
+    ``tflops`` budget. ``recycle`` (v1.5 only; None = on in v1.5) also keeps the
+    DPC-kNN cluster means of the best pruned tokens, on top of the schedule.
     """
 
     method = "sparsevlm"
+    budget_fields: ClassVar[tuple[str, ...]] = ("keep", "schedule")
     mode: str = "v1.5"
-    keep: int = 192
+    keep: int | None = None
     layers: tuple[int, ...] | None = None
     schedule: tuple[int, ...] | None = None
     recycle: bool | None = None
@@ -89,7 +99,7 @@ class SparseVLMConfig(ReductionConfig):
         if self.recycle and self.mode == "v2":
             raise ConfigError("SparseVLMConfig: recycle=True is invalid with mode='v2'; SparseVLM+ does not recycle (accepted: False or None)")
         if self.schedule is None:
-            if self.keep not in SCHEDULES[self.mode]:
+            if self.keep is not None and self.keep not in SCHEDULES[self.mode]:
                 raise ConfigError(
                     f"SparseVLMConfig: keep={self.keep!r} has no official {self.mode} schedule; "
                     f"use one of {sorted(SCHEDULES[self.mode])} or give schedule=(...)"
@@ -127,24 +137,27 @@ class SparseVLM(DecoderMethod):
     def cut_layers(self) -> tuple[int, ...]:
         return tuple(layer + 1 for layer in self.layers)
 
-    def cuts(self, visual: int) -> list[tuple[int, int]]:
-        """The scheduled counts, plus the recycled tokens of each cut when recycling (they survive too).
-
-        Also remembers the pruning counts of this prompt's cuts for :meth:`select`.
-        """
+    def configured_cuts(self, visual: int) -> Cuts:
         config = self.config
-        if config.schedule is not None:
-            if config.schedule[0] > visual:
-                raise ConfigError(f"SparseVLMConfig: schedule={config.schedule} keeps more than the {visual} visual tokens of this input")
-            kept = config.schedule
-        else:
-            kept = tuple(max(1, min(visual, round(k * visual / REFERENCE_VISUAL))) for k in SCHEDULES[config.mode][config.keep])
-        self._pruned_to = {layer + 1: k for layer, k in zip(self.layers, kept)}
-        cuts, current = [], visual
-        for layer, k in self._pruned_to.items():
-            current = k + recycled_count(current - k)[1] if config.recycles and k < current else min(current, k)
-            cuts.append((layer, current))
-        return cuts
+        if config.schedule is None:
+            return self._scaled(visual, SCHEDULES[config.mode][DEFAULT_SETTING if config.keep is None else config.keep], 1.0)
+        if config.schedule[0] > visual:
+            raise ConfigError(f"SparseVLMConfig: schedule={config.schedule} keeps more than the {visual} visual tokens of this input")
+        return self._recycled(visual, [(layer + 1, k) for layer, k in zip(self.layers, config.schedule)])
+
+    def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
+        """The mode's published schedule whose own T_eq / FLOPs is nearest the target, scaled by s (sec. E5)."""
+        nearest = min(SCHEDULES[self.config.mode].values(), key=lambda kept: abs(measure(self._scaled(visual, kept, 1.0)) - target))
+        return Knob("scale", 0.0, REFERENCE_VISUAL / min(nearest), integer=False, schedule=lambda s: self._scaled(visual, nearest, s))
+
+    def _scaled(self, visual: int, kept: tuple[int, ...], scale: float) -> Cuts:
+        """A 576-token schedule ``kept`` times ``scale``, on ``visual`` tokens (each cut keeps 1 .. visual), recycling added."""
+        pruned = [(layer + 1, max(1, min(visual, round(k * scale * visual / REFERENCE_VISUAL)))) for layer, k in zip(self.layers, kept)]
+        return self._recycled(visual, pruned)
+
+    def _recycled(self, visual: int, pruned: Cuts) -> Cuts:
+        """The pruning schedule's cuts, each plus the tokens it recycles when the config recycles (they survive too)."""
+        return with_recycling(visual, pruned) if self.config.recycles else pruned
 
     def observe_layers(self) -> frozenset[int]:
         return frozenset(self.layers)
@@ -163,10 +176,11 @@ class SparseVLM(DecoderMethod):
 
     def select(self, site: CutSite) -> torch.Tensor | TokenPlan:
         scores = site.observed[site.layer - 1]
-        kept = top_visual(scores, site.visual, self._pruned_to[site.layer])
+        kept = top_visual(scores, site.visual, pruning_count(int(site.visual[0].sum()), site.keep) if self.config.recycles else site.keep)
         if site.keep == kept.shape[1]:
             return kept
         return recycling_plan(site.hidden, scores, site.visual, kept)
+
 
     @staticmethod
     def _rater_rows(attention: LayerAttention) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,32 @@ def recycled_count(pruned: int) -> tuple[int, int]:
     return candidates, candidates // 10 + 1
 
 
+def with_recycling(visual: int, pruned: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Cuts (layer, kept by pruning) of a prompt with ``visual`` tokens -> (layer, kept by pruning + recycled clusters).
+
+    A cut that prunes nothing recycles nothing; a later cut prunes from what the
+    earlier one left, recycled tokens included.
+    """
+    cuts, current = [], visual
+    for layer, kept in pruned:
+        current = kept + recycled_count(current - kept)[1] if kept < current else current
+        cuts.append((layer, current))
+    return cuts
+
+
+def pruning_count(current: int, total: int) -> int:
+    """The pruning count k of a cut from ``current`` to ``total`` visual tokens: k + clusters(current - k) = total.
+
+    Two pruning counts can reach one total (pruning one token fewer may recycle one
+    cluster fewer); the larger is taken, one more top-scored token instead of one
+    more cluster, so the cut's size is what the schedule said either way.
+    """
+    for kept in range(total, -1, -1):
+        if kept + (recycled_count(current - kept)[1] if kept < current else 0) == total:
+            return kept
+    raise ValueError(f"tokenreduce: no SparseVLM pruning count recycles {current} visual tokens into {total}")
+
+
 def recycling_plan(hidden: torch.Tensor, scores: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor) -> TokenPlan:
     """The cut with recycling: every non-visual token, the ``kept`` visual ones [B, K] and one centre per cluster.
 
