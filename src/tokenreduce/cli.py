@@ -85,7 +85,7 @@ def methods_table(markdown: bool = False) -> str:
     lines += [f"| `{m}` | `{c}` | {method.description} |" for m, c, method in rows]
     lines += ["", "| model class | " + " | ".join(f"`{m}`" for m, _, _ in rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for path, adapter in sorted(registry.adapter_classes().items(), key=lambda item: item[0].rsplit(".", 1)[-1]):
-        marks = ["yes" if method.sites & adapter.sites else "" for _, _, method in rows]
+        marks = ["yes" if method.pick_site(adapter.sites) is not None else "" for _, _, method in rows]
         lines.append(f"| `{path.rsplit('.', 1)[-1]}` | " + " | ".join(marks) + " |")
     return "\n".join(lines)
 
