@@ -4,7 +4,9 @@
 solves the schedule for the model's default input *before* touching the model,
 so a bad call leaves the model exactly as it was (DESIGN.md sec. 4.9). Every
 change is recorded as an undo action; ``remove`` runs them in reverse order and
-restores the original model bit for bit.
+restores the original model bit for bit. A staged method (``methods/staged.py``,
+FiCoCo-VL) is bound stage by stage, each at its own site, and attached by
+``adapters/staged.py``, under one handle.
 """
 
 from __future__ import annotations
