@@ -13,6 +13,12 @@ per layer after decoder layer 4). The paper's per-TFLOPs V/L split is undocument
 (C6.5, issue #7) and no FLOPs-target solver splits a budget here. FiCoCo-L's
 budget is checked against the full image's token count at ``apply`` and against
 the count FiCoCo-V leaves when a prompt runs.
+
+``stats()`` holds each stage's report under its name (``vision``: tower and
+placeholder counts, ``visual_slots``; ``language``: visual tokens and sequence
+length per decoder layer, ``kept``) plus the pipeline's ``visual_tokens_in`` /
+``visual_tokens_out``. The ``language`` stage's ``kept`` columns index the prompt
+as FiCoCo-V shortened it; ``vision.visual_slots`` maps them back to patches.
 """
 
 from __future__ import annotations
