@@ -259,3 +259,15 @@ def test_stage_configs_this_model_cannot_run_leave_it_untouched(model, prompts, 
     with pytest.raises(tr.ConfigError, match=message):
         tr.apply(model, config())
     restored(model, prompts, reference)
+
+
+def test_a_visual_report_for_another_length_than_the_decoder_gets_is_refused(model, prompts, reference):
+    """What a pre-hook before the shrinker would report (the full prompt) must not reach a shortened decoder silently."""
+    ids, mask = vf.batch(prompts)
+    with tr.apply(model, ACTIVE) as handle:
+        handle._run.runs["language"].expect_visual(ids == vf.IMAGE_TOKEN)
+        short = ids[:, : ids.shape[1] - vf.IMAGE_TOKENS + VISION_KEEP]
+        with pytest.raises(RuntimeError, match=r"visual tokens of a 150-token prompt but the decoder got 46 tokens"):
+            with torch.no_grad():
+                model.model.language_model(input_ids=short)
+    restored(model, prompts, reference)
