@@ -73,6 +73,7 @@ def test_bench_sweeps_take_it_with_its_defaults_only():
     assert not bench.takes_budget("ficoco_vl") and bench.takes_budget("ficoco_l")
     with pytest.raises(tr.ConfigError, match=r"ficoco_vl take\(s\) no single keep / ratio budget"):
         bench.sweep_configs(["ficoco_l", "ficoco_vl"], [64], [], {})
+    assert bench._budget_label(ACTIVE.to_dict()) == "vision:keep=40 language:r=10"
 
 
 def test_zero_strength_is_bit_exact(model, prompts, reference):

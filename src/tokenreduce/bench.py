@@ -273,6 +273,9 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
 def _budget_label(config: dict[str, Any] | None) -> str:
     if not config:
         return "-"
+    stages = {name: value for name, value in config.items() if isinstance(value, dict)}  # a staged method's stage configs
+    if stages:
+        return " ".join(f"{name}:{_budget_label(stage)}" for name, stage in stages.items())
     for key in ("keep", "ratio", "r", "keep_rate"):
         if config.get(key) is not None:
             return f"{key}={config[key]}"
