@@ -240,7 +240,8 @@ def test_applying_twice_is_refused(model, prompts, reference):
 @pytest.mark.parametrize("config, message", [
     (lambda: tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(r=-1)), r"FiCoCoVConfig: r=-1 is invalid"),
     (lambda: tr.FiCoCoVLConfig(language=tr.FiCoCoLConfig(beta=2.0)), r"FiCoCoLConfig: beta=2.0 is invalid"),
-    (lambda: tr.FiCoCoVLConfig(vision=tr.FiCoCoLConfig()), r"FiCoCoVLConfig: vision=FiCoCoLConfig\(.*\) is invalid; expected a FiCoCoVConfig"),
+    (lambda: tr.FiCoCoVLConfig(vision=tr.FiCoCoLConfig()),
+     r"FiCoCoVLConfig: vision=FiCoCoLConfig\(.*\) is invalid; expected a FiCoCoVConfig"),
     (lambda: tr.FiCoCoVLConfig(language=None), r"FiCoCoVLConfig: language=None is invalid; expected a FiCoCoLConfig"),
 ])
 def test_bad_stage_configs_are_refused(config, message):

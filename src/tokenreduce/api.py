@@ -120,7 +120,7 @@ def _bind(method_cls: type[Method], config: ReductionConfig, adapter: Any, site:
     Nothing is attached yet: every config error surfaces before the model is touched.
     """
     if issubclass(method_cls, Staged):
-        return method_cls.bind(config, adapter.sites, lambda stage, stage_config, stage_site: _bind(stage, stage_config, adapter, stage_site))
+        return method_cls.bind(config, adapter.sites, lambda stage, stage_config, at: _bind(stage, stage_config, adapter, at))
     adapter.site = site
     positions = getattr(config, "positions", "original")
     if positions not in adapter.position_modes:
