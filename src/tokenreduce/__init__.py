@@ -16,7 +16,7 @@ from .diffusion import (
 from .methods import (
     CDPrunerConfig, DARTConfig, DivPruneConfig, EViTConfig, FastVConfig, FasterVLMConfig, FiCoCoVConfig, GlobalCom2Config, PDropConfig, PoolingConfig, PruMergeConfig, PruMergePlusConfig,
     RandomConfig, ToMeConfig, UniformConfig, VisionZipConfig, VisPrunerConfig,
-    FiCoCoLConfig, SparseVLMConfig,
+    FiCoCoLConfig, FiCoCoVLConfig, SparseVLMConfig,
 )
 from .registry import register_adapter, register_method
 
@@ -29,5 +29,5 @@ __all__ = [
     "PoolingConfig", "PruMergeConfig", "PruMergePlusConfig", "RandomConfig", "ToMeConfig", "VisionZipConfig", "VisPrunerConfig", "TokenReduceError", "UniformConfig", "UnsupportedModelError", "apply", "config_from_dict",
     "list_methods", "register_adapter", "register_method", "remove", "supported",
     "DARTConfig", "FastVConfig", "PDropConfig",
-    "FiCoCoLConfig", "SparseVLMConfig",
+    "FiCoCoLConfig", "FiCoCoVLConfig", "SparseVLMConfig",
 ]

@@ -4,7 +4,9 @@
 solves the schedule for the model's default input *before* touching the model,
 so a bad call leaves the model exactly as it was (DESIGN.md sec. 4.9). Every
 change is recorded as an undo action; ``remove`` runs them in reverse order and
-restores the original model bit for bit.
+restores the original model bit for bit. A staged method (``methods/staged.py``,
+FiCoCo-VL) is bound stage by stage, each at its own site, and attached by
+``adapters/staged.py``, under one handle.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import torch
 from torch import nn
 
 from . import registry
+from .adapters.staged import attach_stages
 from .config import ReductionConfig
 from .errors import AlreadyAppliedError, ConfigError, UnsupportedModelError
+from .methods.base import Method
+from .methods.staged import Staged
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
 
@@ -94,25 +99,36 @@ def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
             f"{config.method} acts on {sorted(method_cls.sites)} sites but {type(model).__name__} offers {sorted(adapter.sites)}; "
             f"methods for this model: {', '.join(supported(model))}"
         )
-    adapter.site = site
-    positions = getattr(config, "positions", "original")
-    if positions not in adapter.position_modes:
-        raise ConfigError(
-            f"{type(config).__name__}: positions={positions!r} does not apply to {type(model).__name__}; "
-            f"accepted here: {', '.join(sorted(adapter.position_modes))}"
-        )
     busy = [m for m in adapter.modules_touched() if m in _ATTACHED]
     if busy:
         raise AlreadyAppliedError(
             f"{type(model).__name__} already has {_ATTACHED[busy[0]].config.method!r} attached; "
             "call handle.remove() (or tokenreduce.remove(model)) before applying another method"
         )
-    method = method_cls(config, adapter.describe())
-    undo, run = adapter.attach(method)
+    method = _bind(method_cls, config, adapter, site)
+    undo, run = attach_stages(adapter, method) if isinstance(method, Staged) else adapter.attach(method)
+    adapter.site = site
     handle = Handle(model, config, method, adapter, undo, run)
     for module in handle._modules:
         _ATTACHED[module] = handle
     return handle
+
+
+def _bind(method_cls: type[Method], config: ReductionConfig, adapter: Any, site: str) -> Method:
+    """The method built from the adapter's facts at ``site``; a staged method binds each stage at its own site.
+
+    Nothing is attached yet: every config error surfaces before the model is touched.
+    """
+    if issubclass(method_cls, Staged):
+        return method_cls.bind(config, adapter.sites, lambda stage, stage_config, at: _bind(stage, stage_config, adapter, at))
+    adapter.site = site
+    positions = getattr(config, "positions", "original")
+    if positions not in adapter.position_modes:
+        raise ConfigError(
+            f"{type(config).__name__}: positions={positions!r} does not apply to {type(adapter.model).__name__}; "
+            f"accepted here: {', '.join(sorted(adapter.position_modes))}"
+        )
+    return method_cls(config, adapter.describe())
 
 
 def remove(model: nn.Module | Any) -> int:
@@ -154,8 +170,8 @@ def supported(model: nn.Module) -> list[str]:
 
 
 def _fits(method_cls: type, adapter_cls: type) -> bool:
-    """The adapter offers one of the method's sites and provides what the method requires."""
-    return bool(method_cls.sites & adapter_cls.sites) and method_cls.requires <= adapter_cls.provides
+    """The adapter offers a site for the method (for every stage of a staged one) and provides what the method requires."""
+    return method_cls.pick_site(adapter_cls.sites) is not None and method_cls.requires <= adapter_cls.provides
 
 
 __all__ = ["ConfigError", "Handle", "apply", "list_methods", "remove", "supported"]

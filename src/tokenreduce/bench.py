@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import api, registry
-from .config import ReductionConfig
+from .config import BudgetConfig, ReductionConfig
 from .errors import ConfigError
 from .measure import count_flops, kl_divergence, peak_memory, speedup, time_interleaved, top1_agreement
 from .measure import accuracy as label_accuracy
@@ -233,9 +233,20 @@ def _group_accuracy(logits: torch.Tensor, target: Target) -> dict[str, float]:
     return groups
 
 
+def takes_budget(method: str) -> bool:
+    """Whether a method's strength is one ``keep`` / ``ratio`` budget; a staged method (FiCoCo-VL) takes per-stage settings."""
+    return issubclass(registry.config_class(method), BudgetConfig)
+
+
 def sweep_configs(methods: list[str], keeps: list[int], ratios: list[float], extra: dict[str, Any]) -> list[ReductionConfig]:
     """Every method x every budget, with the same extra fields for all."""
     budgets = [{"keep": k} for k in keeps] + [{"ratio": r} for r in ratios]
+    staged = [m for m in methods if not takes_budget(m)]
+    if budgets and staged:
+        raise ConfigError(
+            f"{', '.join(staged)} take(s) no single keep / ratio budget: each stage has its own settings "
+            "(e.g. FiCoCoVLConfig(vision=..., language=...)); run them without --keep / --ratio for their defaults, or from Python"
+        )
     return [registry.config_class(m)(**budget, **extra) for m in methods for budget in budgets or [{}]]
 
 
@@ -267,6 +278,9 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
 def _budget_label(config: dict[str, Any] | None) -> str:
     if not config:
         return "-"
+    stages = {name: value for name, value in config.items() if isinstance(value, dict)}  # a staged method's stage configs
+    if stages:
+        return " ".join(f"{name}:{_budget_label(stage)}" for name, stage in stages.items())
     for key in ("keep", "ratio", "r", "keep_rate"):
         if config.get(key) is not None:
             return f"{key}={config[key]}"

@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser("bench", help="measure methods against the unreduced model")
     run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="zoo:NAME, timm:NAME, a Hub id or a local path (default: %(default)s)")
-    run.add_argument("--method", nargs="+", default=[], help="method name(s); 'all' for every method supported by the model")
+    run.add_argument("--method", nargs="+", default=[], help="method name(s); 'all' for every method supported by the model that takes one budget")
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, nargs="+", default=[], help="reducible tokens kept (one or more budgets)")
     budget.add_argument("--ratio", type=float, nargs="+", default=[], help="fraction of reducible tokens removed")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config field, e.g. --set inflection=-1")
-    run.add_argument("--sweep", action="store_true", help=f"every supported method at ratios {SWEEP_RATIOS} unless --method/--keep/--ratio narrow it")
+    run.add_argument("--sweep", action="store_true", help=f"every supported method that takes one budget, at ratios {SWEEP_RATIOS} unless --method/--keep/--ratio narrow it")
     run.add_argument("--samples", type=int, default=360, help="evaluation images (default: %(default)s)")
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate (interleaved)")
@@ -85,7 +85,7 @@ def methods_table(markdown: bool = False) -> str:
     lines += [f"| `{m}` | `{c}` | {method.description} |" for m, c, method in rows]
     lines += ["", "| model class | " + " | ".join(f"`{m}`" for m, _, _ in rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for path, adapter in sorted(registry.adapter_classes().items(), key=lambda item: item[0].rsplit(".", 1)[-1]):
-        marks = ["yes" if method.sites & adapter.sites else "" for _, _, method in rows]
+        marks = ["yes" if method.pick_site(adapter.sites) is not None else "" for _, _, method in rows]
         lines.append(f"| `{path.rsplit('.', 1)[-1]}` | " + " | ".join(marks) + " |")
     return "\n".join(lines)
 
@@ -116,7 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     methods = args.method
     if methods == ["all"] or (args.sweep and not methods):
-        methods = supported(target.model)
+        methods = [m for m in supported(target.model) if bench.takes_budget(m)]
     if not methods:
         raise ValueError("give --method NAME (see `tokenreduce methods`) or --sweep")
     ratios = args.ratio or ([] if args.keep else SWEEP_RATIOS if args.sweep else [])

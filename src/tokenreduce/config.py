@@ -130,8 +130,16 @@ def config_from_dict(data: dict[str, Any]) -> ReductionConfig:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return cls(**{k: _from_json(v) for k, v in data.items()})
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, ReductionConfig):  # a stage of a staged method (methods/staged.py)
+        return value.to_dict()
     return list(value) if isinstance(value, tuple) else value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "method" in value:
+        return config_from_dict(value)
+    return tuple(value) if isinstance(value, list) else value

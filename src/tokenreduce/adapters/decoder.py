@@ -223,6 +223,11 @@ class DecoderRun:
         if prefill is not None and cache is not None and prefill.cache is not None and prefill.cache() is cache:
             self.current = Pass(decode=True, mask2d=mask2d, past=cache.get_seq_length())
             return
+        if visual is not None and visual.shape[1] != length:
+            raise RuntimeError(
+                f"tokenreduce: the adapter reported visual tokens of a {visual.shape[1]}-token prompt but the decoder got "
+                f"{length} tokens; the report must come from the call that feeds the decoder (after any vision-side shortening)"
+            )
         has_image = visual is not None and bool(visual.any())
         if cache is not None and cache.get_seq_length() > 0:
             if has_image:

@@ -408,6 +408,23 @@ def _image_tokens(args: tuple, kwargs: dict[str, Any], image_token_id: int) -> t
     return None if ids is None else ids == image_token_id
 
 
+def _reporting_visual(forward: Callable[..., Any], decoder: DecoderRun, image_token_id: int) -> Callable[..., Any]:
+    """``LlavaModel.forward`` that first tells the decoder which tokens of its ``input_ids`` are visual.
+
+    A wrapper rather than a forward pre-hook: a vision-side stage attached after the
+    LLM one (a staged method such as FiCoCo-VL, ``adapters/staged.py``) wraps this
+    forward with its :class:`PlaceholderShrinker`, which calls it with the already
+    shortened ``input_ids``, so the decoder sees the visual tokens that survived the
+    vision stage; a pre-hook would run before the shrinker and see the full prompt.
+    """
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        decoder.expect_visual(_image_tokens(args, kwargs, image_token_id))
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
     cache = kwargs.get("past_key_values")
     return cache is None or cache.get_seq_length() == 0
@@ -462,9 +479,8 @@ class LlavaAdapter(Adapter):
     def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:
         if self.site == "llm":
             undo, decoder = attach_decoder(self.inner.language_model, method)
-            report = self.inner.register_forward_pre_hook(lambda _m, args, kwargs: decoder.expect_visual(
-                _image_tokens(args, kwargs, self.image_token_id)), with_kwargs=True)
-            return [*undo, report.remove], decoder
+            undo.append(replace_forward(self.inner, _reporting_visual(self.inner.forward, decoder, self.image_token_id)))
+            return undo, decoder
         undo, vision = self.attach_vision(method)
         cls_dropped = self.drop_cls and self.site != "projector_output"
         run = VlmRun(vision=vision, first_feature=int(cls_dropped))

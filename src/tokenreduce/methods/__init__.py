@@ -16,10 +16,11 @@ from .pdrop import PDropConfig
 from .dart import DARTConfig
 from .sparsevlm import SparseVLMConfig
 from .ficoco.language import FiCoCoLConfig
+from .ficoco.vision_language import FiCoCoVLConfig
 
 __all__ = [
     "CDPrunerConfig", "DivPruneConfig", "EViTConfig", "FasterVLMConfig", "FiCoCoVConfig", "GlobalCom2Config", "PoolingConfig", "RandomConfig", "PruMergeConfig", "PruMergePlusConfig",
     "ToMeConfig", "UniformConfig", "VisionZipConfig", "VisPrunerConfig",
     "DARTConfig", "FastVConfig", "PDropConfig",
-    "FiCoCoLConfig", "SparseVLMConfig",
+    "FiCoCoLConfig", "FiCoCoVLConfig", "SparseVLMConfig",
 ]

@@ -34,12 +34,14 @@ from ...ops.scoring import attention_logits, grid_cells, l2_normalize, mean_key_
 from ...registry import register_method
 from ..base import VitMethod
 
+REFERENCE_R = 42  # tokens removed per reducing layer in the official code (README example; METHODS.md A3.2)
+
 
 @dataclass(frozen=True, kw_only=True)
 class FiCoCoVConfig(BudgetConfig):
     """FiCoCo-V settings (defaults from the official code, METHODS.md A3).
 
-    Give ``r`` (tokens removed per reducing layer, reference 42 on CLIP-L) or a
+    Give ``r`` (tokens removed per reducing layer, reference ``REFERENCE_R`` = 42 on CLIP-L) or a
     budget ``keep`` / ``ratio``, solved into an even per-layer schedule.
     Reductions happen at layers ``start_layer`` .. ``stop_layer - 1`` (default: the
     second half of the encoder, as the paper's layers 12-23 of CLIP-L/14).
