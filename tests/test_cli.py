@@ -85,14 +85,16 @@ def test_bench_on_the_zoo_vlm_reports_answer_accuracy_per_kind(tmp_path, capsys)
     assert "compare %" in capsys.readouterr().out
 
 
-def test_bench_reports_equivalent_tokens_of_in_llm_methods(tmp_path, capsys):
+def test_bench_compares_pre_and_in_llm_methods_at_equal_equivalent_tokens(tmp_path, capsys):
     out = tmp_path / "vlm.json"
-    code = cli.main(["bench", "zoo:digits-vlm", "--method", "fastv", "--keep", "64", "--set", "layer=1", "--samples", "4",
-                     "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress"])
+    code = cli.main(["bench", "zoo:digits-vlm", "--method", "fastv", "random", "--equivalent-tokens", "112", "--set", "fastv.layer=1",
+                     "--samples", "4", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-progress"])
     assert code == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["base"]["equivalent_tokens"] == 256
-    assert rows["fastv"]["equivalent_tokens"] == (256 + 3 * 64) / 4  # layer 0 sees all 256, layers 1-3 the kept 64
+    assert rows["random"]["config"]["keep"] == rows["random"]["equivalent_tokens"] == 112  # pre-LLM: every layer sees its 112
+    assert rows["fastv"]["config"]["layer"] == 1 and rows["random"]["config"]["layer"] is None  # "fastv.layer" is fastv's only
+    assert rows["fastv"]["tokens_out"] == 64 and rows["fastv"]["equivalent_tokens"] == (256 + 3 * 64) / 4  # layer 0 sees all 256
     assert "T_eq" in capsys.readouterr().out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import api, registry
-from .config import BudgetConfig, ReductionConfig
+from .config import ReductionConfig
+from .methods.staged import StagedConfig
 from .errors import ConfigError
 from .measure import count_flops, kl_divergence, peak_memory, speedup, time_interleaved, top1_agreement
 from .measure import accuracy as label_accuracy
@@ -235,19 +236,34 @@ def _group_accuracy(logits: torch.Tensor, target: Target) -> dict[str, float]:
 
 def takes_budget(method: str) -> bool:
     """Whether a method's strength is one ``keep`` / ``ratio`` budget; a staged method (FiCoCo-VL) takes per-stage settings."""
-    return issubclass(registry.config_class(method), BudgetConfig)
+    return not issubclass(registry.config_class(method), StagedConfig)
 
 
-def sweep_configs(methods: list[str], keeps: list[int], ratios: list[float], extra: dict[str, Any]) -> list[ReductionConfig]:
-    """Every method x every budget, with the same extra fields for all."""
-    budgets = [{"keep": k} for k in keeps] + [{"ratio": r} for r in ratios]
+def sweep_configs(
+    methods: list[str], keeps: list[int], ratios: list[float], extra: dict[str, Any], equivalent: list[int] = (),
+) -> list[ReductionConfig]:
+    """Every method x every budget, with the extra fields.
+
+    ``equivalent`` budgets are equivalent tokens (METHODS.md E4), so that pre-LLM and
+    in-LLM methods compare at one budget: an in-LLM config gets
+    ``equivalent_tokens=T``, any other ``keep=T`` (every LLM layer sees its T tokens).
+    An ``extra`` key ``"method.field"`` applies to that method only (``fastv.layer=1``).
+    """
     staged = [m for m in methods if not takes_budget(m)]
-    if budgets and staged:
+    if (keeps or ratios or equivalent) and staged:
         raise ConfigError(
             f"{', '.join(staged)} take(s) no single keep / ratio budget: each stage has its own settings "
             "(e.g. FiCoCoVLConfig(vision=..., language=...)); run them without --keep / --ratio for their defaults, or from Python"
         )
-    return [registry.config_class(m)(**budget, **extra) for m in methods for budget in budgets or [{}]]
+    configs = []
+    for method in methods:
+        config_class = registry.config_class(method)
+        field = "equivalent_tokens" if "equivalent_tokens" in {f.name for f in fields(config_class)} else "keep"
+        budgets = [{"keep": k} for k in keeps] + [{"ratio": r} for r in ratios] + [{field: t} for t in equivalent]
+        own = {key: value for key, value in extra.items() if "." not in key}
+        own.update({key.split(".", 1)[1]: value for key, value in extra.items() if key.split(".", 1)[0] == method and "." in key})
+        configs += [config_class(**budget, **own) for budget in budgets or [{}]]
+    return configs
 
 
 def rows_to_json(target: Target, rows: list[Row], skipped: list[str] | None = None) -> dict[str, Any]:

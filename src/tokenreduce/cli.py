@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, nargs="+", default=[], help="reducible tokens kept (one or more budgets)")
     budget.add_argument("--ratio", type=float, nargs="+", default=[], help="fraction of reducible tokens removed")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config field, e.g. --set inflection=-1")
+    budget.add_argument(
+        "--equivalent-tokens", type=int, nargs="+", default=[], metavar="T",
+        help="visual tokens averaged over the LLM's layers: equivalent_tokens=T for in-LLM methods, keep=T for the others",
+    )
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra config field, e.g. --set inflection=-1; METHOD.KEY=VALUE for one method, e.g. --set fastv.layer=1")
     run.add_argument("--sweep", action="store_true", help=f"every supported method that takes one budget, at ratios {SWEEP_RATIOS} unless --method/--keep/--ratio narrow it")
     run.add_argument("--samples", type=int, default=360, help="evaluation images (default: %(default)s)")
     run.add_argument("--batch-size", type=int, default=64)
@@ -119,8 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
         methods = [m for m in supported(target.model) if bench.takes_budget(m)]
     if not methods:
         raise ValueError("give --method NAME (see `tokenreduce methods`) or --sweep")
-    ratios = args.ratio or ([] if args.keep else SWEEP_RATIOS if args.sweep else [])
-    configs = bench.sweep_configs(methods, args.keep, ratios, _parse_sets(args.set))
+    ratios = args.ratio or ([] if args.keep or args.equivalent_tokens else SWEEP_RATIOS if args.sweep else [])
+    configs = bench.sweep_configs(methods, args.keep, ratios, _parse_sets(args.set), args.equivalent_tokens)
     progress = _progress(len(configs) + 1, disable=args.no_progress)
     skipped: list[str] = []
     rows = bench.run(target, configs, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, progress=progress,
