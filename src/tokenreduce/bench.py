@@ -11,6 +11,7 @@ so interleaving many methods costs no extra parameter memory.
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,10 +22,10 @@ from torch import nn
 
 from . import api, registry
 from .config import ReductionConfig
-from .methods.staged import StagedConfig
 from .errors import ConfigError
 from .measure import count_flops, kl_divergence, peak_memory, speedup, time_interleaved, top1_agreement
 from .measure import accuracy as label_accuracy
+from .methods.staged import StagedConfig
 
 
 @dataclass
@@ -246,24 +247,43 @@ def sweep_configs(
 
     ``equivalent`` budgets are equivalent tokens (METHODS.md E4), so that pre-LLM and
     in-LLM methods compare at one budget: an in-LLM config gets
-    ``equivalent_tokens=T``, any other ``keep=T`` (every LLM layer sees its T tokens).
-    An ``extra`` key ``"method.field"`` applies to that method only (``fastv.layer=1``).
+    ``equivalent_tokens=T``, any other ``keep=T`` (every LLM layer sees its T tokens);
+    a staged method (FiCoCo-VL) gives it to its last stage. An ``extra`` key
+    ``"method.field"`` applies to that method only (``fastv.layer=1``), and
+    ``"method.stage.field"`` to one stage (``ficoco_vl.vision.keep=160``).
     """
     staged = [m for m in methods if not takes_budget(m)]
-    if (keeps or ratios or equivalent) and staged:
+    if (keeps or ratios) and staged:
         raise ConfigError(
             f"{', '.join(staged)} take(s) no single keep / ratio budget: each stage has its own settings "
-            "(e.g. FiCoCoVLConfig(vision=..., language=...)); run them without --keep / --ratio for their defaults, or from Python"
+            "(--set METHOD.STAGE.FIELD=VALUE, e.g. ficoco_vl.vision.keep=160), and --equivalent-tokens goes to the last stage"
         )
     configs = []
     for method in methods:
-        config_class = registry.config_class(method)
-        field = "equivalent_tokens" if "equivalent_tokens" in {f.name for f in fields(config_class)} else "keep"
-        budgets = [{"keep": k} for k in keeps] + [{"ratio": r} for r in ratios] + [{field: t} for t in equivalent]
         own = {key: value for key, value in extra.items() if "." not in key}
         own.update({key.split(".", 1)[1]: value for key, value in extra.items() if key.split(".", 1)[0] == method and "." in key})
-        configs += [config_class(**budget, **own) for budget in budgets or [{}]]
+        budgets = [{"keep": k} for k in keeps] + [{"ratio": r} for r in ratios] + [{"equivalent_tokens": t} for t in equivalent]
+        configs += [_config(registry.config_class(method), budget, own) for budget in budgets or [{}]]
     return configs
+
+
+def _config(config_class: type[ReductionConfig], budget: dict[str, Any], settings: dict[str, Any]) -> ReductionConfig:
+    """``config_class`` with ``settings``; an equivalent-token budget becomes ``keep`` where the config has no such field.
+
+    A staged config builds each stage from the ``"stage.field"`` settings and hands the budget to its last stage.
+    """
+    if issubclass(config_class, StagedConfig):
+        hints = typing.get_type_hints(config_class)
+        names = [f.name for f in fields(config_class)]
+        stages = {}
+        for name in names:
+            mine = {key.split(".", 1)[1]: value for key, value in settings.items() if key.startswith(name + ".")}
+            if mine or (budget and name == names[-1]):
+                stages[name] = _config(hints[name], budget if name == names[-1] else {}, mine)
+        return config_class(**stages)
+    if "equivalent_tokens" in budget and "equivalent_tokens" not in {f.name for f in fields(config_class)}:
+        budget = {"keep": budget["equivalent_tokens"]}
+    return config_class(**budget, **settings)
 
 
 def rows_to_json(target: Target, rows: list[Row], skipped: list[str] | None = None) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from typing import Any
 from ..methods.staged import Staged
 from .base import Adapter, Undo
 
-PIPELINE_KEYS = ("visual_tokens_in", "visual_tokens_out")
-"""Summary keys lifted to the top of ``stats()``: the first stage's input count and the last stage's output count."""
+PIPELINE_KEYS = ("visual_tokens_in", "visual_tokens_out", "equivalent_tokens")
+"""Summary keys lifted to the top of ``stats()``: the first stage's input count, the last stage's output count and
+layer-averaged count (the LLM's layers run on what the last stage leaves)."""
 
 
 @dataclass
@@ -31,7 +32,7 @@ class StagedRun:
     def stats(self) -> dict[str, Any]:
         """Each stage's stats under its name, plus the pipeline's visual tokens in (first stage) and out (last stage)."""
         stages = [run.stats() for run in self.runs.values()]
-        ends = {PIPELINE_KEYS[0]: stages[0], PIPELINE_KEYS[1]: stages[-1]}
+        ends = {PIPELINE_KEYS[0]: stages[0], PIPELINE_KEYS[1]: stages[-1], PIPELINE_KEYS[2]: stages[-1]}
         summary = {key: stats[key] for key, stats in ends.items() if key in stats}
         return {**summary, "stages": list(self.runs), **dict(zip(self.runs, stages))}
 
