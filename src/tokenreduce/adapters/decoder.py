@@ -334,12 +334,24 @@ class DecoderRun:
 
 
 def _gather_embedding(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """cos or sin [1 or B, N, d] at [B, K] columns -> [B, K, d]."""
-    return gather_tokens(t.expand(columns.shape[0], *t.shape[1:]), columns)
+    """cos or sin [..., 1 or B, N, d] at [B, K] columns -> [..., B, K, d], on the token axis.
+
+    Leading dims are kept because some RoPE variants hand the layers one table per
+    position row (M-RoPE as [3, B, N, d], combined inside the attention).
+    """
+    lead = t.shape[:-3]
+    t = t.expand(*lead, columns.shape[0], *t.shape[-2:])
+    return t.gather(-2, columns[..., None].expand(*lead, -1, -1, t.shape[-1]))
 
 
-def _gather_ids(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Position ids [1 or B, N] (or M-RoPE [3, 1 or B, N]) at [B, K] columns, on the token axis."""
+def _gather_ids(t: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
+    """Position ids [1 or B, N] (or M-RoPE [3, 1 or B, N]) at [B, K] columns, on the token axis.
+
+    None stays None: decoders whose layers get their positions only through the
+    embeddings (Qwen-VL passes ids to its layers only for packed sequences).
+    """
+    if t is None:
+        return None
     lead = t.shape[:-2]
     return t.expand(*lead, *columns.shape[:1], t.shape[-1]).gather(-1, columns.expand(*lead, -1, -1))
 
@@ -356,7 +368,7 @@ def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embed
     query = attention.q_proj(picked).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
     cos, sin = embeddings
-    query, _ = rope(query, query, gather_tokens(cos, rows[:, None]), gather_tokens(sin, rows[:, None]))
+    query, _ = rope(query, query, _gather_embedding(cos, rows[:, None]), _gather_embedding(sin, rows[:, None]))
     _, key = rope(key, key, cos, sin)
     return query, key, visible_keys(attention_mask, rows, n, n), attention.scaling
 
@@ -389,6 +401,16 @@ def _cache_bytes(cache: Any) -> int | None:
     return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values) if t is not None)
 
 
+def _check_full_attention(config: Any) -> None:
+    """Every layer must attend causally over the whole sequence: the masks of cut layers are built as full causal masks."""
+    windowed = sorted({kind for kind in getattr(config, "layer_types", None) or () if kind != "full_attention"})
+    if windowed:
+        raise UnsupportedModelError(
+            f"in-LLM reduction builds full causal masks for the layers after a cut, but this language model has "
+            f"{', '.join(map(repr, windowed))} layers (layer_types); load it without sliding-window attention"
+        )
+
+
 def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo], DecoderRun]:
     """Install ``method`` on a Llama-family decoder model; return the undo actions and the run state."""
     config = decoder.config
@@ -397,6 +419,7 @@ def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo
             f"in-LLM reduction keeps the language model on SDPA and adds its probe to it, but this one runs "
             f"{config._attn_implementation!r}; load the model with attn_implementation='sdpa'"
         )
+    _check_full_attention(config)
     _register_probe_attention()
     layers = list(decoder.layers)
     run = DecoderRun(method=method, decoder=decoder, layers=layers)
