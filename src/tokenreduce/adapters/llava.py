@@ -402,10 +402,10 @@ def runs_per_sample(per_sample: list[int], placeholders: list[int]) -> list[list
     return runs if image == len(placeholders) else None
 
 
-def _image_tokens(args: tuple, kwargs: dict[str, Any], image_token_id: int) -> torch.Tensor | None:
-    """[B, N] bool image placeholders of a ``LlavaModel`` call (None when it gets no ``input_ids``)."""
+def visual_placeholders(args: tuple, kwargs: dict[str, Any], *token_ids: int) -> torch.Tensor | None:
+    """[B, N] bool: the placeholders (any of ``token_ids``) of a multimodal model's call (None when it gets no ``input_ids``)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    return None if ids is None else ids == image_token_id
+    return None if ids is None else torch.isin(ids, torch.tensor(token_ids, device=ids.device))
 
 
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
@@ -460,7 +460,7 @@ class LlavaAdapter(Adapter):
         if self.site == "llm":
             undo, decoder = attach_decoder(self.inner.language_model, method)
             report = self.inner.register_forward_pre_hook(lambda _m, args, kwargs: decoder.expect_visual(
-                _image_tokens(args, kwargs, self.image_token_id)), with_kwargs=True)
+                visual_placeholders(args, kwargs, self.image_token_id)), with_kwargs=True)
             return [*undo, report.remove], decoder
         undo, vision = self.attach_vision(method)
         cls_dropped = self.drop_cls and self.site != "projector_output"
