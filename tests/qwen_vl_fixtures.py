@@ -26,23 +26,31 @@ TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_sta
               vision_end_token_id=VISION_END)
 
 
+def _text(layers: int) -> dict:
+    return {**TEXT, "num_hidden_layers": layers}
+
+
 def _build(model_cls: type, config) -> torch.nn.Module:
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return model_cls(copy.deepcopy(config)).eval()
 
 
-def qwen2_vl() -> Qwen2VLForConditionalGeneration:
+def qwen2_vl(layers: int = 2) -> Qwen2VLForConditionalGeneration:
+    """``layers``: decoder layers of the language model (in-LLM cuts need layers before and after them)."""
     vision = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=PATCH,
                   temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE)
-    return _build(Qwen2VLForConditionalGeneration, Qwen2VLConfig(vision_config=vision, text_config=TEXT, **TOKENS))
+    return _build(Qwen2VLForConditionalGeneration, Qwen2VLConfig(vision_config=vision, text_config=_text(layers), **TOKENS))
 
 
-def qwen2_5_vl() -> Qwen2_5_VLForConditionalGeneration:
-    """Block 1 attends over the whole image; blocks 0 and 2 in 4 x 4 merged-token windows (window_size 32 px)."""
+def qwen2_5_vl(layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
+    """Block 1 attends over the whole image; blocks 0 and 2 in 4 x 4 merged-token windows (window_size 32 px).
+
+    ``layers``: decoder layers of the language model.
+    """
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH, temporal_patch_size=TEMPORAL,
                   spatial_merge_size=MERGE, window_size=32, out_hidden_size=32, fullatt_block_indexes=[1])
-    return _build(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(vision_config=vision, text_config=TEXT, **TOKENS))
+    return _build(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(vision_config=vision, text_config=_text(layers), **TOKENS))
 
 
 def merged_tokens(grid: tuple[int, int]) -> int:
