@@ -63,9 +63,9 @@ def prompt(text_before: list[int], text_after: list[int], grids: list[tuple[int,
 
 
 def batch(prompts: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:
-    """Pad prompts to one length: input_ids, attention_mask and mm_token_type_ids."""
+    """Pad prompts to one length: input_ids, attention_mask and mm_token_type_ids (1 on image, 2 on video placeholders)."""
     ids, mask = vlm_fixtures.batch(prompts, side)  # same PAD id
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()}
 
 
 def images(grids: list[tuple[int, int]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -74,3 +74,11 @@ def images(grids: list[tuple[int, int]], seed: int = 0) -> dict[str, torch.Tenso
     generator = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(patches, 3 * TEMPORAL * PATCH * PATCH, generator=generator)
     return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}
+
+
+def video(frames: int, grid: tuple[int, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random pixel patches of one video of ``frames`` temporal patches, and its grid (frames, h, w)."""
+    h, w = grid
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(frames * h * w, 3 * TEMPORAL * PATCH * PATCH, generator=generator)
+    return {"pixel_values_videos": pixel_values, "video_grid_thw": torch.tensor([[frames, h, w]])}

@@ -223,3 +223,16 @@ def test_sliding_window_layers_are_refused_untouched(model):
     with pytest.raises(tr.UnsupportedModelError, match=r"'sliding_attention' layers \(layer_types\)"):
         tr.apply(windowed, tr.FastVConfig())
     assert_detached(windowed)
+
+
+def test_video_placeholders_are_visual_tokens_too(model):
+    frames, grid = 2, (12, 12)
+    tokens = frames * qf.merged_tokens(grid)  # 72
+    batch = {**qf.batch([[qf.BOS, 7, qf.VISION_START, *[qf.VIDEO_TOKEN] * tokens, qf.VISION_END, 8, 9]]), **qf.video(frames, grid)}
+    with tr.apply(model, tr.FastVConfig(keep=20)) as handle:
+        _, generated = run(model, batch)
+        stats = handle.stats()
+    video_columns = set((batch["input_ids"][0] == qf.VIDEO_TOKEN).nonzero()[:, 0].tolist())
+    assert stats["visual_tokens_per_layer"] == [tokens, tokens, 20, 20]
+    assert len(stats["kept"][2][0]) == 20 and set(stats["kept"][2][0]) <= video_columns
+    assert generated.shape == (1, 4)
