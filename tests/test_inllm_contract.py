@@ -123,7 +123,8 @@ def masked_oracle(model, language, visual: torch.Tensor, kept: dict[int, list[li
             allowed = allowed & ~dropped[:, None, :]
         masks.append((allowed | torch.eye(length, dtype=torch.bool))[:, None])  # padding rows see themselves
 
-    hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs, i=i: (args, {**kwargs, "attention_mask": masks[i]}), with_kwargs=True)
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs, i=i: (args, {**kwargs, "attention_mask": masks[i]}),
+                                             with_kwargs=True)
              for i, layer in enumerate(language.layers)]
     try:
         with torch.no_grad():

@@ -236,3 +236,11 @@ def test_video_placeholders_are_visual_tokens_too(model):
     assert stats["visual_tokens_per_layer"] == [tokens, tokens, 20, 20]
     assert len(stats["kept"][2][0]) == 20 and set(stats["kept"][2][0]) <= video_columns
     assert generated.shape == (1, 4)
+
+
+def test_bare_model_class(model):
+    batch = inputs()
+    with tr.apply(model.model, tr.FastVConfig(layer=2, keep=40)) as handle, torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+        assert handle.stats()["visual_tokens_per_layer"] == CASES["fastv"][2]
+    assert hidden.shape[1] == batch["input_ids"].shape[1] - IMAGE_TOKENS + 40

@@ -61,6 +61,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, reduce_module_output, replace_forward
+from ..methods.inllm import DecoderMethod
 from ..registry import register_adapter
 from .base import Adapter, Undo
 from .decoder import DecoderRun, attach_decoder
@@ -402,10 +403,23 @@ def runs_per_sample(per_sample: list[int], placeholders: list[int]) -> list[list
     return runs if image == len(placeholders) else None
 
 
-def visual_placeholders(args: tuple, kwargs: dict[str, Any], *token_ids: int) -> torch.Tensor | None:
+def _placeholders(args: tuple, kwargs: dict[str, Any], token_ids: tuple[int, ...]) -> torch.Tensor | None:
     """[B, N] bool: the placeholders (any of ``token_ids``) of a multimodal model's call (None when it gets no ``input_ids``)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     return None if ids is None else torch.isin(ids, torch.tensor(token_ids, device=ids.device))
+
+
+def attach_language_model(inner: nn.Module, method: DecoderMethod, *token_ids: int) -> tuple[list[Undo], DecoderRun]:
+    """Site ``llm`` of a multimodal model: the decoder machinery on ``inner.language_model``.
+
+    The machinery needs each prompt's visual tokens, which only the multimodal model's
+    ``input_ids`` show (the language model gets embeddings): a pre-hook on ``inner``
+    reports the placeholders of ``token_ids`` before every call.
+    """
+    undo, decoder = attach_decoder(inner.language_model, method)
+    report = inner.register_forward_pre_hook(
+        lambda _m, args, kwargs: decoder.expect_visual(_placeholders(args, kwargs, token_ids)), with_kwargs=True)
+    return [*undo, report.remove], decoder
 
 
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
@@ -458,10 +472,7 @@ class LlavaAdapter(Adapter):
 
     def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:
         if self.site == "llm":
-            undo, decoder = attach_decoder(self.inner.language_model, method)
-            report = self.inner.register_forward_pre_hook(lambda _m, args, kwargs: decoder.expect_visual(
-                visual_placeholders(args, kwargs, self.image_token_id)), with_kwargs=True)
-            return [*undo, report.remove], decoder
+            return attach_language_model(self.inner, method, self.image_token_id)
         undo, vision = self.attach_vision(method)
         cls_dropped = self.drop_cls and self.site != "projector_output"
         run = VlmRun(vision=vision, first_feature=int(cls_dropped))

@@ -70,8 +70,8 @@ from ..merge_slot import QKCapture, TowerRun, replace_forward
 from ..ops.scoring import attention_received
 from ..registry import lookup_by_class, register_adapter
 from .base import Adapter, Undo
-from .decoder import DecoderRun, attach_decoder
-from .llava import PlaceholderShrinker, VlmRun, runs_per_sample, visual_placeholders
+from .decoder import DecoderRun
+from .llava import PlaceholderShrinker, VlmRun, attach_language_model, runs_per_sample
 
 _HF = "transformers.models"
 
@@ -278,7 +278,7 @@ def _image_scores(scores: Callable[[], list[torch.Tensor]], image: int) -> torch
 
 @register_adapter(*MODEL_CLASSES)
 class QwenVLAdapter(Adapter):
-    """Visual-token reduction for Qwen2-VL / Qwen2.5-VL after the 2x2 patch merger."""
+    """Visual-token reduction for Qwen2-VL / Qwen2.5-VL after the 2x2 patch merger or inside the language model."""
 
     sites = frozenset({"merger_output", "llm"})
 
@@ -321,10 +321,7 @@ class QwenVLAdapter(Adapter):
 
     def attach(self, method: Any) -> tuple[list[Undo], QwenVlRun | DecoderRun]:
         if self.site == "llm":
-            undo, decoder = attach_decoder(self.inner.language_model, method)
-            report = self.inner.register_forward_pre_hook(lambda _m, args, kwargs: decoder.expect_visual(
-                visual_placeholders(args, kwargs, self.image_token_id, self.video_token_id)), with_kwargs=True)
-            return [*undo, report.remove], decoder
+            return attach_language_model(self.inner, method, self.image_token_id, self.video_token_id)
         vision = TowerRun(protected=0, has_cls=False, grid_for=self.grid_for, method=method)
         run = QwenVlRun(vision=vision)
         probe = MergeGroupProbe(self.inner.visual, self.probe_block, self.spec)
