@@ -5,8 +5,10 @@ Each case: (zero-strength config, active config, visual tokens per decoder layer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -106,34 +108,35 @@ def test_active_reports_stats_and_remove_restores(model, prompts, reference, cas
     assert torch.equal(run(model, prompts, vf.pixels(3))[1], reference[1])
 
 
-def masked_oracle(model, ids, mask, pixels, kept: dict[int, list[list[int]]]) -> torch.Tensor:
-    """Last-token logits of FastV's "mask" variant (METHODS.md C1, step 5), built from the model's own modules.
+def masked_oracle(model, language, visual: torch.Tensor, kept: dict[int, list[list[int]]], **inputs) -> torch.Tensor:
+    """Last-token logits of FastV's "mask" variant (METHODS.md C1, step 5): the unreduced model with its own positions.
 
-    The sequence keeps its full length and original positions; from each cut layer on,
-    attention to the dropped visual columns is masked. For the kept tokens this is
-    what real dropping must compute.
+    The sequence keeps its full length and the model computes its own positions (Llama's
+    column index, Qwen's M-RoPE ids); every layer of ``language`` gets a causal mask
+    with padding that, from each cut layer on, also hides the dropped ``visual`` [B, L]
+    columns. For the kept tokens this is what real dropping must compute.
     """
-    inner, language = model.model, model.model.language_model
-    with torch.no_grad():
-        embeds = language.embed_tokens(ids)
-        features = torch.cat(inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
-        embeds[ids == vf.IMAGE_TOKEN] = features.to(embeds.dtype)
-        batch, length = ids.shape
-        positions = torch.arange(length).expand(batch, length)
-        rope = language.rotary_emb(embeds, position_ids=positions)
-        allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
-        allowed |= torch.eye(length, dtype=torch.bool)  # padding rows see themselves (no empty softmax rows)
-        hidden = embeds
-        for index, layer in enumerate(language.layers):
-            for cut, columns in kept.items():
-                if index == cut:
-                    dropped = (ids == vf.IMAGE_TOKEN).clone()
-                    for b, row in enumerate(columns):
-                        dropped[b, row] = False
-                    allowed &= ~dropped[:, None, :]
-                    allowed |= torch.eye(length, dtype=torch.bool)
-            hidden = layer(hidden, attention_mask=allowed[:, None], position_embeddings=rope, position_ids=positions)
-        return model.lm_head(language.norm(hidden))[:, -1]
+    mask = inputs["attention_mask"]
+    length = mask.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    masks = []
+    for index in range(len(language.layers)):
+        if index in kept:
+            dropped = visual.clone()
+            for b, row in enumerate(kept[index]):
+                dropped[b, row] = False
+            allowed = allowed & ~dropped[:, None, :]
+        masks.append((allowed | torch.eye(length, dtype=torch.bool))[:, None])  # padding rows see themselves
+
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs, i=i: (args, {**kwargs, "attention_mask": masks[i]}),
+                                             with_kwargs=True)
+             for i, layer in enumerate(language.layers)]
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits[:, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.parametrize("case", sorted(set(CASES) - MERGING))
@@ -144,7 +147,9 @@ def test_dropping_equals_masking_at_original_positions(model, prompts, case):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
         kept = handle.stats()["kept"]
-    torch.testing.assert_close(logits, masked_oracle(model, ids, mask, pixels, kept), rtol=1e-4, atol=1e-5)
+    expected = masked_oracle(model, model.model.language_model, ids == vf.IMAGE_TOKEN, kept, input_ids=ids, attention_mask=mask,
+                             pixel_values=pixels)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def record_selection(handle) -> dict[int, tuple[int, torch.Tensor | TokenPlan]]:
@@ -206,31 +211,40 @@ def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
             torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_each_layer_runs_once_and_attention_stays_sdpa(model, prompts, case, monkeypatch):
+@contextlib.contextmanager
+def counted_calls(language, monkeypatch) -> Iterator[tuple[list[int], list[int]]]:
+    """Count, while in the block, the calls of each decoder layer of ``language`` and of SDPA by its attention modules.
+
+    Yields (calls per layer, layer index of each SDPA call in order).
+    """
     sdpa = AttentionInterface._global_mapping["sdpa"]
     calls: list[int] = []
-    language = model.model.language_model
+    attentions = {layer.self_attn for layer in language.layers}
 
     def counting_sdpa(module, *args, **kwargs):
-        if module in {layer.self_attn for layer in language.layers}:
+        if module in attentions:
             calls.append(module.layer_idx)
         return sdpa(module, *args, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counting_sdpa)
-    layer_calls = [0] * LAYERS
+    layer_calls = [0] * len(language.layers)
     hooks = [layer.register_forward_hook(lambda *_, i=i: layer_calls.__setitem__(i, layer_calls[i] + 1))
              for i, layer in enumerate(language.layers)]
-    ids, mask = vf.batch(prompts)
     try:
-        with tr.apply(model, CASES[case][1]):
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
-                assert layer_calls == [1] * LAYERS and calls == list(range(LAYERS))
-                model.generate(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), max_new_tokens=4, do_sample=False)
+        yield layer_calls, calls
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_layer_runs_once_and_attention_stays_sdpa(model, prompts, case, monkeypatch):
+    ids, mask = vf.batch(prompts)
+    with counted_calls(model.model.language_model, monkeypatch) as (layer_calls, calls), tr.apply(model, CASES[case][1]):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
+            assert layer_calls == [1] * LAYERS and calls == list(range(LAYERS))
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), max_new_tokens=4, do_sample=False)
     assert layer_calls == [5] * LAYERS  # one prefill + 3 decode steps, each layer once per forward
     assert calls == list(range(LAYERS)) * 5
 
@@ -240,7 +254,7 @@ def test_fastv_keeps_the_top_of_the_eager_attention_row_of_layer_k_minus_1(model
     keep, layer = 40, 2
     ids, mask = vf.batch(prompts)  # left padding: the last column is every sample's last token
     pixels = vf.pixels(3, seed=2)
-    row = eager_last_row(model, ids, mask, pixels, layer - 1)
+    row = eager_last_row(model, layer - 1, input_ids=ids, attention_mask=mask, pixel_values=pixels)
     expected = row.masked_fill(ids != vf.IMAGE_TOKEN, -1).topk(keep, dim=-1).indices.sort(dim=-1).values.tolist()
     with tr.apply(model, tr.FastVConfig(layer=layer, keep=keep)) as handle:
         with torch.no_grad():
@@ -261,12 +275,17 @@ def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
     vf.assert_text_only_prompt_is_a_no_op(model, tr.FastVConfig(keep=16), {"input_ids": ids, "attention_mask": mask})
 
 
-def untouched(model, prompts, reference):
+def assert_detached(model) -> None:
+    """No hook, probe or attention switch of the decoder machinery is left on a multimodal model."""
     language = model.model.language_model
     assert model.config.text_config._attn_implementation == "sdpa"
     assert not any(layer._forward_pre_hooks for layer in language.layers)
     assert not (language._forward_pre_hooks or language._forward_hooks or model.model._forward_pre_hooks)
     assert not any(layer.self_attn in decoder._OBSERVERS for layer in language.layers)
+
+
+def untouched(model, prompts, reference):
+    assert_detached(model)
     assert torch.equal(run(model, prompts, vf.pixels(3))[0], reference[0])
 
 
@@ -326,12 +345,15 @@ def test_bf16(model, prompts, case):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
-def eager_last_row(model, ids, mask, pixels, layer: int) -> torch.Tensor:
-    """Head-mean attention row of the last token at ``layer`` of the unreduced model, with eager attention: [B, N]."""
+def eager_last_row(model, layer: int, **inputs) -> torch.Tensor:
+    """Head-mean attention row of the last token at ``layer`` of the unreduced model, with eager attention: [B, N].
+
+    The model's own attention (its RoPE, M-RoPE included), so the row is not re-derived here.
+    """
     eager = copy.deepcopy(model)
     eager.config.text_config._attn_implementation = "eager"
     with torch.no_grad():
-        attentions = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_attentions=True).attentions
+        attentions = eager(**inputs, output_attentions=True).attentions
     return attentions[layer][:, :, -1].mean(dim=1)
 
 
@@ -339,7 +361,7 @@ def test_pdrop_first_stage_keeps_the_top_of_the_eager_attention_row_of_its_own_l
     """PDrop scores the boundary with layer K's own weights on the hidden states entering K (METHODS.md C2, step 2)."""
     ids, mask = vf.batch(prompts)
     pixels = vf.pixels(3, seed=5)
-    row = eager_last_row(model, ids, mask, pixels, layer=2)
+    row = eager_last_row(model, 2, input_ids=ids, attention_mask=mask, pixel_values=pixels)
     expected = row.masked_fill(ids != vf.IMAGE_TOKEN, -1).topk(36, dim=-1).indices.sort(dim=-1).values.tolist()
     with tr.apply(model, tr.PDropConfig(layers=(2,), ratios=(0.25,))) as handle:
         with torch.no_grad():

@@ -12,6 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.vision_utils import get_vision_window_index
 
 import tokenreduce as tr
+from tokenreduce import registry
 from tokenreduce.ops.grid import factor_grid
 
 KEEP = 16
@@ -55,7 +56,9 @@ def reference(model):
 
 
 def test_every_applicable_method_has_a_case(model):
-    assert set(tr.supported(model)) == {zero.method for zero, _ in CASES.values()}
+    """Methods at the merger output; the in-LLM ones have their own suite (``test_inllm_qwen``)."""
+    merger = {m for m in tr.supported(model) if "merger_output" in registry.method_for_class(registry.config_class(m)).sites}
+    assert merger == {zero.method for zero, _ in CASES.values()}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -275,7 +278,7 @@ def test_keep_larger_than_an_images_tokens(model):
 
 
 def test_methods_needing_cls_tokens_and_keys_are_refused(model):
-    with pytest.raises(tr.UnsupportedModelError, match=r"visionzip acts on \['vit_output'\] sites .* offers \['merger_output'\]"):
+    with pytest.raises(tr.UnsupportedModelError, match=r"visionzip acts on \['vit_output'\] sites .* offers \['llm', 'merger_output'\]"):
         tr.apply(model, tr.VisionZipConfig(keep=32))
     assert tr.remove(model) == 0
 

@@ -83,7 +83,7 @@ def probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     output = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     observer = _OBSERVERS.get(module)
     if observer is not None:
-        observer(query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5, kwargs.get("position_ids"))
+        observer(query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5)
     return output
 
 
@@ -136,6 +136,7 @@ class Pass:
     position_ids: torch.Tensor | None = None
     cut: bool = False
     observed: dict[int, Any] = field(default_factory=dict)
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (cos, sin) each observed layer applied
     stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     past: int = 0  # decode: tokens in layer 0's cache before this step
     length: int = 0  # prefill: prompt length before any cut
@@ -344,12 +345,11 @@ class DecoderRun:
     def observer(self, layer: int) -> Any:
         """The callback ``probe_attention`` runs for layer ``layer`` during a cut prefill.
 
-        The layer's RoPE is recomputed on demand by the decoder's rotary embedding at the
-        position ids the layer received (the survivors' own after a cut).
+        The layer's RoPE is the (cos, sin) its attention module received (:meth:`keep_rope`),
+        whatever the model computes them from (M-RoPE sections included).
         """
 
-        def observe(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
-                    position_ids: torch.Tensor | None) -> None:
+        def observe(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> None:
             run = self.current
             if run is None or run.decode:
                 return
@@ -357,11 +357,16 @@ class DecoderRun:
                 query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
                 columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
                 input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
-                rope=lambda: self.decoder.rotary_emb(query, position_ids),
+                rope=lambda: run.rope[layer],
             )
             run.observed[layer] = self.method.observe_attention(layer, attention)
 
         return observe
+
+    def keep_rope(self, layer: int, kwargs: dict[str, Any]) -> None:
+        """Attention pre-hook of an observed layer: remember the (cos, sin) it applies, for ``LayerAttention.rope``."""
+        if self.current is not None and not self.current.decode:
+            self.current.rope[layer] = kwargs["position_embeddings"]
 
     def end(self, output: Any) -> None:
         """Decoder forward hook: remember a cut prefill's stages so later decode steps on its cache follow them."""
@@ -373,12 +378,24 @@ class DecoderRun:
 
 
 def _gather_embedding(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """cos or sin [1 or B, N, d] at [B, K] columns -> [B, K, d]."""
-    return gather_tokens(t.expand(columns.shape[0], *t.shape[1:]), columns)
+    """cos or sin [..., 1 or B, N, d] at [B, K] columns -> [..., B, K, d], on the token axis.
+
+    Leading dims are kept because some RoPE variants hand the layers one table per
+    position row (M-RoPE as [3, B, N, d], combined inside the attention).
+    """
+    lead = t.shape[:-3]
+    t = t.expand(*lead, columns.shape[0], *t.shape[-2:])
+    return t.gather(-2, columns[..., None].expand(*lead, -1, -1, t.shape[-1]))
 
 
-def _gather_ids(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Position ids [1 or B, N] (or M-RoPE [3, 1 or B, N]) at [B, K] columns, on the token axis."""
+def _gather_ids(t: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
+    """Position ids [1 or B, N] (or M-RoPE [3, 1 or B, N]) at [B, K] columns, on the token axis.
+
+    None stays None: decoders whose layers get their positions only through the
+    embeddings (Qwen-VL passes ids to its layers only for packed sequences).
+    """
+    if t is None:
+        return None
     lead = t.shape[:-2]
     return t.expand(*lead, *columns.shape[:1], t.shape[-1]).gather(-1, columns.expand(*lead, -1, -1))
 
@@ -395,7 +412,7 @@ def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embed
     query = attention.q_proj(picked).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
     cos, sin = embeddings
-    query, _ = rope(query, query, gather_tokens(cos, rows[:, None]), gather_tokens(sin, rows[:, None]))
+    query, _ = rope(query, query, _gather_embedding(cos, rows[:, None]), _gather_embedding(sin, rows[:, None]))
     _, key = rope(key, key, cos, sin)
     return query, key, visible_keys(attention_mask, rows, n, n), attention.scaling
 
@@ -428,6 +445,16 @@ def _cache_bytes(cache: Any) -> int | None:
     return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values) if t is not None)
 
 
+def _check_full_attention(config: Any) -> None:
+    """Every layer must attend causally over the whole sequence: the masks of cut layers are built as full causal masks."""
+    windowed = sorted({kind for kind in getattr(config, "layer_types", None) or () if kind != "full_attention"})
+    if windowed:
+        raise UnsupportedModelError(
+            f"in-LLM reduction builds full causal masks for the layers after a cut, but this language model has "
+            f"{', '.join(map(repr, windowed))} layers (layer_types); load it without sliding-window attention"
+        )
+
+
 def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo], DecoderRun]:
     """Install ``method`` on a Llama-family decoder model; return the undo actions and the run state."""
     config = decoder.config
@@ -436,6 +463,7 @@ def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo
             f"in-LLM reduction keeps the language model on SDPA and adds its probe to it, but this one runs "
             f"{config._attn_implementation!r}; load the model with attn_implementation='sdpa'"
         )
+    _check_full_attention(config)
     _register_probe_attention()
     layers = list(decoder.layers)
     run = DecoderRun(method=method, decoder=decoder, layers=layers)
@@ -446,6 +474,8 @@ def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo
         attention = layers[layer].self_attn
         _OBSERVERS[attention] = run.observer(layer)
         undo.append(lambda a=attention: _OBSERVERS.pop(a, None))
+        rope = attention.register_forward_pre_hook(lambda _m, _a, kw, i=layer: run.keep_rope(i, kw), with_kwargs=True)
+        undo.append(rope.remove)
     handles = [decoder.register_forward_pre_hook(lambda _m, a, kw: run.begin(a, kw), with_kwargs=True),
                decoder.register_forward_hook(lambda _m, _a, out: run.end(out))]
     first = min(method.cut_layers())

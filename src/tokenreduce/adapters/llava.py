@@ -61,6 +61,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, reduce_module_output, replace_forward
+from ..methods.inllm import DecoderMethod
 from ..registry import register_adapter
 from .base import Adapter, Undo
 from .decoder import DecoderRun, attach_decoder, decoder_shape
@@ -402,27 +403,33 @@ def runs_per_sample(per_sample: list[int], placeholders: list[int]) -> list[list
     return runs if image == len(placeholders) else None
 
 
-def _image_tokens(args: tuple, kwargs: dict[str, Any], image_token_id: int) -> torch.Tensor | None:
-    """[B, N] bool image placeholders of a ``LlavaModel`` call (None when it gets no ``input_ids``)."""
+def _placeholders(args: tuple, kwargs: dict[str, Any], token_ids: tuple[int, ...]) -> torch.Tensor | None:
+    """[B, N] bool: the placeholders (any of ``token_ids``) of a multimodal model's call (None when it gets no ``input_ids``)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    return None if ids is None else ids == image_token_id
+    return None if ids is None else torch.isin(ids, torch.tensor(token_ids, device=ids.device))
 
 
-def _reporting_visual(forward: Callable[..., Any], decoder: DecoderRun, image_token_id: int) -> Callable[..., Any]:
-    """``LlavaModel.forward`` that first tells the decoder which tokens of its ``input_ids`` are visual.
+def attach_language_model(inner: nn.Module, method: DecoderMethod, *token_ids: int) -> tuple[list[Undo], DecoderRun]:
+    """Site ``llm`` of a multimodal model: the decoder machinery on ``inner.language_model``.
 
-    A wrapper rather than a forward pre-hook: a vision-side stage attached after the
-    LLM one (a staged method such as FiCoCo-VL, ``adapters/staged.py``) wraps this
-    forward with its :class:`PlaceholderShrinker`, which calls it with the already
-    shortened ``input_ids``, so the decoder sees the visual tokens that survived the
-    vision stage; a pre-hook would run before the shrinker and see the full prompt.
+    The machinery needs each prompt's visual tokens, which only the multimodal model's
+    ``input_ids`` show (the language model gets embeddings): ``inner.forward`` is
+    wrapped to report the placeholders of ``token_ids`` before every call. A wrapper
+    rather than a forward pre-hook: a vision-side stage attached after the LLM one (a
+    staged method such as FiCoCo-VL, ``adapters/staged.py``) wraps this forward with
+    its :class:`PlaceholderShrinker`, which calls it with the already shortened
+    ``input_ids``, so the decoder sees the visual tokens that survived the vision
+    stage; a pre-hook would run before the shrinker and see the full prompt.
     """
+    undo, decoder = attach_decoder(inner.language_model, method)
+    forward = inner.forward
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        decoder.expect_visual(_image_tokens(args, kwargs, image_token_id))
+    def reporting(*args: Any, **kwargs: Any) -> Any:
+        decoder.expect_visual(_placeholders(args, kwargs, token_ids))
         return forward(*args, **kwargs)
 
-    return wrapper
+    undo.append(replace_forward(inner, reporting))
+    return undo, decoder
 
 
 def _is_new_prompt(kwargs: dict[str, Any]) -> bool:
@@ -478,9 +485,7 @@ class LlavaAdapter(Adapter):
 
     def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:
         if self.site == "llm":
-            undo, decoder = attach_decoder(self.inner.language_model, method)
-            undo.append(replace_forward(self.inner, _reporting_visual(self.inner.forward, decoder, self.image_token_id)))
-            return undo, decoder
+            return attach_language_model(self.inner, method, self.image_token_id)
         undo, vision = self.attach_vision(method)
         cls_dropped = self.drop_cls and self.site != "projector_output"
         run = VlmRun(vision=vision, first_feature=int(cls_dropped))

@@ -1,6 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL (``*ForConditionalGeneration`` / ``*Model``): fewer visual tokens reach the LLM.
 
-One site, ``merger_output`` (H3): the tokens of one image after the 2x2 ``PatchMerger``,
+Two sites. ``llm`` (H4/H5): cuts inside the language model (FastV, PyramidDrop, DART,
+SparseVLM, FiCoCo-L), run by the decoder machinery of :mod:`.decoder` on the text model
+(see "In the LLM" below). ``merger_output`` (H3): the tokens of one image after the 2x2 ``PatchMerger``,
 which is the projector of these models, with their grid (h/2, w/2 from
 ``image_grid_thw``). Reducing earlier would break the merger, which assumes four
 spatial neighbours per group (METHODS.md B1 pitfalls, VisionZip-Qwen2VL issue #3).
@@ -33,6 +35,21 @@ columns (DESIGN.md sec. 4.3). So kept tokens keep their (t, h, w) positions and 
 after the image keeps its positions; decode steps keep generate's position ids, which
 continue the original sequence, or (without them) text position + the stock
 ``rope_deltas``.
+
+In the LLM. The text model's decoder layers have the Llama-family interface, and the
+model has already folded M-RoPE into them: the text model turns the 3-row (t, h, w) ids
+into one (cos, sin) table [B, N, d] (each frequency band read from its row,
+``mrope_section``) and the attention applies its module's plain
+``apply_rotary_pos_emb``, which is what the decoder machinery's probe P2 uses. So cutting
+gathers that table at the survivors' columns and a kept token keeps its (t, h, w)
+position without the machinery knowing about M-RoPE; the layers get ids only for
+packed sequences (generate's text row), gathered the same way. Layers before the first
+cut keep the full prompt in the cache, so the model's decode positions (cache length of
+layer 0, or generate's ids, plus the stock ``rope_deltas``) continue the original
+sequence untouched. Image and video placeholders are visual tokens alike: both are
+vision-tower tokens the in-LLM methods score the same way (FastV and SparseVLM report
+video models too), and a prompt's visual count is only known at its prefill
+(``reducible_tokens`` None), where a budget it cannot meet raises ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -53,7 +70,8 @@ from ..merge_slot import QKCapture, TowerRun, replace_forward
 from ..ops.scoring import attention_received
 from ..registry import lookup_by_class, register_adapter
 from .base import Adapter, Undo
-from .llava import PlaceholderShrinker, VlmRun, runs_per_sample
+from .decoder import DecoderRun
+from .llava import PlaceholderShrinker, VlmRun, attach_language_model, runs_per_sample
 
 _HF = "transformers.models"
 
@@ -260,9 +278,9 @@ def _image_scores(scores: Callable[[], list[torch.Tensor]], image: int) -> torch
 
 @register_adapter(*MODEL_CLASSES)
 class QwenVLAdapter(Adapter):
-    """Visual-token reduction for Qwen2-VL / Qwen2.5-VL after the 2x2 patch merger."""
+    """Visual-token reduction for Qwen2-VL / Qwen2.5-VL after the 2x2 patch merger or inside the language model."""
 
-    sites = frozenset({"merger_output"})
+    sites = frozenset({"merger_output", "llm"})
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -276,15 +294,18 @@ class QwenVLAdapter(Adapter):
         self.probe_block = max(full)
         config = self.inner.config
         self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
         self.pad_token_id = getattr(config.text_config, "pad_token_id", None) or 0
         self.grid: tuple[int, int] = (0, 0)  # merged grid of the image being reduced
 
     def modules_touched(self) -> list[nn.Module]:
+        if self.site == "llm":
+            return [self.inner, self.inner.language_model]
         return [self.inner, self.inner.visual, self.inner.visual.blocks[self.probe_block]]
 
     def describe(self) -> dict[str, Any]:
         return {
-            "num_layers": 1,
+            "num_layers": len(self.inner.language_model.layers) if self.site == "llm" else 1,
             "default_layer": 0,
             "reducible_tokens": None,  # dynamic resolution: each image's merged count, checked when it arrives
             "protected_tokens": 0,
@@ -298,7 +319,9 @@ class QwenVLAdapter(Adapter):
             raise ValueError(f"tokenreduce: {tokens} merged tokens do not fill the image's {self.grid} grid")
         return self.grid
 
-    def attach(self, method: Any) -> tuple[list[Undo], QwenVlRun]:
+    def attach(self, method: Any) -> tuple[list[Undo], QwenVlRun | DecoderRun]:
+        if self.site == "llm":
+            return attach_language_model(self.inner, method, self.image_token_id, self.video_token_id)
         vision = TowerRun(protected=0, has_cls=False, grid_for=self.grid_for, method=method)
         run = QwenVlRun(vision=vision)
         probe = MergeGroupProbe(self.inner.visual, self.probe_block, self.spec)
