@@ -36,11 +36,15 @@ class CutSite:
     sequence index of each current token (convention 0.5.2); visual: [B, N] bool, the
     visual tokens still present; text: [B, N] bool, real (unpadded) non-visual
     tokens; query: [B] index of each sample's last real token (the last
-    instruction token); keep: visual tokens to keep per sample; observed: what
+    instruction token); keep: visual tokens to keep in every sample; observed: what
     :meth:`DecoderMethod.observe` returned in this prefill, by layer; final_norm: the decoder's final norm; row_probe(): the last token's
     query row and all keys of *this* layer (its input norm, q/k projections and
     RoPE, P2), with the keys that row may see: (q [B, H, 1, d], k [B, H_kv, N, d],
     valid [B, 1, N], scale).
+
+    Every sample of a site has the same number of visual tokens and keeps the same
+    number: the machinery hands a batch whose samples differ to the method one
+    sample at a time (B = 1), for :meth:`DecoderMethod.observe_attention` as well.
     """
 
     layer: int
