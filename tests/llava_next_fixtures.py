@@ -21,11 +21,12 @@ PINPOINTS = [[48, 96], [96, 48], [96, 96], [48, 144]]
 SIZES = {"wide2": (40, 90), "wide3": (30, 140), "square4": (90, 80)}  # (height, width) -> 2, 3 and 4 crops
 
 
-def llava_next() -> LlavaNextForConditionalGeneration:
+def llava_next(layers: int = 2) -> LlavaNextForConditionalGeneration:
+    """The fixture; ``layers``: depth of its language model (in-LLM cuts need layers before and after them)."""
     torch.manual_seed(0)
     vision = CLIPVisionConfig(image_size=VIEW, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=2, num_channels=3, projection_dim=32)
-    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=PAD)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)

@@ -14,7 +14,7 @@ import pytest
 import qwen_vl_fixtures as qf
 import torch
 import vlm_fixtures as vf
-from test_inllm_contract import LAYERS, TEXTS, deep_llava, record_selection, replay_selection, run, untouched
+from test_inllm_contract import LAYERS, TEXTS, assert_detached, deep_llava, record_selection, replay_selection
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.clip.modeling_clip import CLIPAttention
 
@@ -25,6 +25,16 @@ from tokenreduce.methods.staged import Staged
 ZERO = tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(r=0), language=tr.FiCoCoLConfig(start_layer=0, r=0))
 ACTIVE = tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(keep=40), language=tr.FiCoCoLConfig(start_layer=0, r=10))
 VISION_KEEP, PER_LAYER = 40, [40, 40, 30, 20]
+
+
+def run(model, prompts, pixels, side="left", **generate):
+    """Positions skip left padding in the forward too, as in the in-LLM contract."""
+    return vf.logits_and_tokens(model, prompts, pixels, side, count_positions=True, **generate)
+
+
+def untouched(model, prompts, reference):
+    assert_detached(model)
+    assert torch.equal(run(model, prompts, vf.pixels(3))[0], reference[0])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +54,7 @@ def reference(model, prompts):
 
 def language_stage(handle) -> types.SimpleNamespace:
     """A handle-like view of the FiCoCo-L stage, for the record / replay helpers of the in-LLM contract."""
-    return types.SimpleNamespace(method=handle.method.stage("language"))
+    return types.SimpleNamespace(method=handle.method.stage("language"), stats=lambda: handle.stats()["language"])
 
 
 def restored(model, prompts, reference):

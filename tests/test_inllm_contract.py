@@ -1,6 +1,11 @@
-"""The contract of in-LLM reduction (hooks H4/H5) on a LLaVA fixture with a 4-layer Llama decoder and 144 image tokens.
+"""The contract of in-LLM reduction (hooks H4/H5) on VLM fixtures whose language model is a 4-layer Llama decoder.
 
-Each case: (zero-strength config, active config, visual tokens per decoder layer when active).
+Each case: (zero-strength config, active config, visual tokens per decoder layer when
+active on one 144-token LLaVA image). The checks every fixture shares run on
+:class:`Batch` fixtures: ``llava`` (one 144-token image per sample), ``next``
+(LLaVA-NeXT images of different crop grids, one sample with two: every sample has
+its own visual count) and, for batch and cache checks, ``llava_ragged`` (two
+images, one image and none in one batch).
 """
 
 from __future__ import annotations
@@ -8,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator
+import functools
+import itertools
+from collections.abc import Callable, Iterator
 
+import llava_next_fixtures as nf
 import pytest
 import torch
 import vlm_fixtures as vf
+from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_utils import AttentionInterface
 
@@ -20,6 +29,7 @@ import tokenreduce as tr
 from tokenreduce import registry
 from tokenreduce.adapters import decoder
 from tokenreduce.methods.dart import DART
+from tokenreduce.methods.inllm import DecoderMethod
 from tokenreduce.methods.pdrop import PDrop
 from tokenreduce.ops.matching import least_duplicated
 from tokenreduce.ops.merge import TokenPlan
@@ -32,15 +42,17 @@ CASES = {
     "dart": (tr.DARTConfig(ratio=0.0), tr.DARTConfig(layer=2, keep=30), [144, 144, 30, 30]),
     # 2 / 6 / 15 of 32 layers scale to 0 / 1 / 2 of 4: cuts at 1 / 2 / 3
     # v1.5 recycles: 44 pruned -> int(13.2) + 1 = 14 candidates -> 2 clusters (102); 52 -> 16 -> 2 (52); 32 -> 10 -> 2 (22)
-    "sparsevlm": (tr.SparseVLMConfig(schedule=(144, 144, 144)), tr.SparseVLMConfig(schedule=(100, 50, 20)), [144, 102, 52, 22]),
-    "sparsevlm_pruning": (tr.SparseVLMConfig(schedule=(144, 144, 144), recycle=False), tr.SparseVLMConfig(schedule=(100, 50, 20), recycle=False),
+    # zero strength: a T_eq budget no prompt reaches keeps every visual token whatever each sample's count
+    "sparsevlm": (tr.SparseVLMConfig(equivalent_tokens=10**6), tr.SparseVLMConfig(schedule=(100, 50, 20)), [144, 102, 52, 22]),
+    "sparsevlm_pruning": (tr.SparseVLMConfig(equivalent_tokens=10**6, recycle=False), tr.SparseVLMConfig(schedule=(100, 50, 20), recycle=False),
                           [144, 100, 50, 20]),
-    "sparsevlm_v2": (tr.SparseVLMConfig(mode="v2", schedule=(144, 144, 144)), tr.SparseVLMConfig(mode="v2", schedule=(100, 50, 20)),
+    "sparsevlm_v2": (tr.SparseVLMConfig(mode="v2", equivalent_tokens=10**6), tr.SparseVLMConfig(mode="v2", schedule=(100, 50, 20)),
                      [144, 100, 50, 20]),
     "ficoco_l": (tr.FiCoCoLConfig(start_layer=0, r=0), tr.FiCoCoLConfig(start_layer=0), [144, 144, 130, 116]),
 }
 MERGING = {"ficoco_l", "sparsevlm"}  # folds discarded tokens into kept ones: not equal to masking them
 TEXTS = [([7, 8], [9, 10, 11]), ([12], [13, 14]), ([15, 16, 17, 18], [19])]
+NEXT_SAMPLES = [(["wide2"], [7, 8], [9, 10, 11]), (["wide3", "square4"], [12], [13, 14]), (["square4"], [15, 16, 17, 18], [19])]
 
 
 def deep_llava() -> LlavaForConditionalGeneration:
@@ -51,61 +63,146 @@ def deep_llava() -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
+@dataclasses.dataclass
+class Batch:
+    """A fixture model with a batch of prompts, their images and what an unreduced run gives.
+
+    encode(seed) gives the model's image inputs for all images of the batch (image first),
+    sample by sample; images_per_sample says which belong to which sample.
+    """
+
+    model: nn.Module
+    prompts: list[list[int]]
+    visual: list[int]  # visual tokens per sample
+    images_per_sample: list[int]
+    encode: Callable[[int], dict[str, torch.Tensor]]
+    dtype: torch.dtype = torch.float32
+
+    def images(self, seed: int = 0, samples: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The image inputs of ``samples`` (all by default); empty when they hold no image."""
+        starts = [0, *itertools.accumulate(self.images_per_sample)]
+        picked = [i for s in (range(len(self.prompts)) if samples is None else samples) for i in range(starts[s], starts[s + 1])]
+        if not picked:
+            return {}
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v)[picked] for k, v in self.encode(seed).items()}
+
+    def run(self, side: str = "left", seed: int = 0, samples: list[int] | None = None, **generate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions skip left padding in the forward too (DART's key norms after RoPE depend on absolute positions)."""
+        prompts = self.prompts if samples is None else [self.prompts[i] for i in samples]
+        return vf.logits_and_tokens(self.model, prompts, self.images(seed, samples), side, count_positions=True, **generate)
+
+    @functools.cached_property
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run()
+
+
+def llava_batch(model: nn.Module, images_per_sample: list[int]) -> Batch:
+    prompts = [vf.prompt(before, after, images) for (before, after), images in zip(TEXTS, images_per_sample)]
+    return Batch(model, prompts, [vf.IMAGE_TOKENS * n for n in images_per_sample], images_per_sample,
+                 lambda seed: {"pixel_values": vf.pixels(sum(images_per_sample), seed)})
+
+
+def next_batch(model: nn.Module) -> Batch:
+    lengths = dict(zip(nf.SIZES, nf.stock_lengths(model, list(nf.SIZES))))
+    names = [name for images, _, _ in NEXT_SAMPLES for name in images]
+    prompts = [nf.prompt(before, after, [lengths[n] for n in images]) for images, before, after in NEXT_SAMPLES]
+
+    def encode(seed: int) -> dict[str, torch.Tensor]:
+        pixels, sizes = nf.images(names, seed)
+        return {"pixel_values": pixels, "image_sizes": sizes}
+
+    return Batch(model, prompts, [sum(lengths[n] for n in images) for images, _, _ in NEXT_SAMPLES],
+                 [len(images) for images, _, _ in NEXT_SAMPLES], encode)
+
+
 @pytest.fixture(scope="module")
 def model():
     return deep_llava()
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    return [vf.prompt(before, after) for before, after in TEXTS]
-
-
-def run(model, prompts, pixels, side="left", **generate):
-    """Positions skip left padding in the forward too (DART's key norms after RoPE depend on absolute positions)."""
-    return vf.logits_and_tokens(model, prompts, pixels, side, count_positions=True, **generate)
+def next_model():
+    return nf.llava_next(layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
-def reference(model, prompts):
-    return run(model, prompts, vf.pixels(3))
+def llava(model):
+    return llava_batch(model, [1, 1, 1])
+
+
+@pytest.fixture(scope="module")
+def prompts(llava):
+    return llava.prompts
+
+
+@pytest.fixture(scope="module", params=["llava", "next"])
+def vlm(request, llava, model, next_model):
+    """The shared checks' fixtures; tests on batches and caches add ``llava_ragged`` (indirect parametrization)."""
+    if request.param == "llava":
+        return llava
+    return next_batch(next_model) if request.param == "next" else llava_batch(model, [2, 1, 0])
+
+
+ALL_BATCHES = pytest.mark.parametrize("vlm", ["llava", "next", "llava_ragged"], indirect=True)
+
+
+def schedule(method: DecoderMethod, visual: int) -> list[int]:
+    """Visual tokens a sample with ``visual`` of them holds at every decoder layer."""
+    at, kept = dict(method.cuts(visual)), visual
+    return [kept := min(kept, at.get(layer, kept)) for layer in range(LAYERS)]
 
 
 def test_every_in_llm_method_has_a_case():
     in_llm = {m for m in tr.supported(vf.llava()) if registry.method_for_class(registry.config_class(m)).sites == {"llm"}}
     assert {zero.method for zero, _, _ in CASES.values()} == in_llm
+    assert in_llm <= set(tr.supported(nf.llava_next()))
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_zero_strength_is_bit_exact(model, prompts, reference, case):
-    with tr.apply(model, CASES[case][0]) as handle:
-        logits, tokens = run(model, prompts, vf.pixels(3))
-        stats = handle.stats()
-    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
-    assert stats["visual_tokens_per_layer"] == [vf.IMAGE_TOKENS] * LAYERS and stats["kept"] == {}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_active_reports_stats_and_remove_restores(model, prompts, reference, case):
-    ids, mask = vf.batch(prompts)
+def test_cases_schedules_on_one_llava_image(model, case):
     with tr.apply(model, CASES[case][1]) as handle:
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), use_cache=True)
+        assert schedule(handle.method, vf.IMAGE_TOKENS) == CASES[case][2]
+
+
+def in_dtype(vlm: Batch, dtype: torch.dtype) -> Batch:
+    return vlm if dtype == torch.float32 else dataclasses.replace(vlm, model=copy.deepcopy(vlm.model).to(dtype), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_strength_is_bit_exact(vlm, case, dtype):
+    vlm = in_dtype(vlm, dtype)
+    with tr.apply(vlm.model, CASES[case][0]) as handle:
+        logits, tokens = vlm.run()
         stats = handle.stats()
-        _, tokens = run(model, prompts, vf.pixels(3))
+    assert torch.equal(logits, vlm.reference[0]) and torch.equal(tokens, vlm.reference[1])
+    assert stats["visual_tokens_per_sample"] == [[n] * LAYERS for n in vlm.visual] and stats["kept"] == {}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_active_reports_stats_and_remove_restores(vlm, case):
+    ids, mask = vf.batch(vlm.prompts)
+    batch = len(vlm.prompts)
+    with tr.apply(vlm.model, CASES[case][1]) as handle:
+        with torch.no_grad():
+            out = vlm.model(input_ids=ids, attention_mask=mask, **vlm.images(), use_cache=True)
+        stats = handle.stats()
+        _, tokens = vlm.run()
         after_generate = handle.stats()["kv_cache_bytes"]
-    per_layer = CASES[case][2]
-    assert stats["visual_tokens_per_layer"] == per_layer
-    assert stats["sequence_per_layer"] == [ids.shape[1] - vf.IMAGE_TOKENS + v for v in per_layer]
-    assert stats["equivalent_tokens"] == sum(per_layer) / LAYERS
+        per_sample = [schedule(handle.method, n) for n in vlm.visual]
+    assert stats["visual_tokens_per_sample"] == per_sample
+    assert stats["equivalent_tokens"] == pytest.approx(sum(map(sum, per_sample)) / batch / LAYERS, rel=1e-12)
+    # after a cut the batch is as long as its longest sample's live tokens
+    assert stats["sequence_per_layer"] == [max(len(p) - n + v[layer] for p, n, v in zip(vlm.prompts, vlm.visual, per_sample))
+                                           for layer in range(LAYERS)]
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     assert lengths == stats["sequence_per_layer"]
-    assert stats["kv_cache_bytes"] == sum(2 * 3 * 2 * n * 8 * 4 for n in lengths)  # K and V, B=3, 2 KV heads, d=8, fp32
-    assert after_generate == sum(2 * 3 * 2 * (n + 3) * 8 * 4 for n in lengths)  # + 3 decode steps in every layer
+    assert stats["kv_cache_bytes"] == sum(2 * batch * 2 * n * 8 * 4 for n in lengths)  # K and V, 2 KV heads, d=8, fp32
+    assert after_generate == sum(2 * batch * 2 * (n + 3) * 8 * 4 for n in lengths)  # + 3 decode steps in every layer
     assert out.logits.shape[1] == stats["sequence_per_layer"][-1] and torch.isfinite(out.logits).all()
-    assert not torch.equal(tokens, reference[1]) or not torch.equal(out.logits[:, -1], reference[0][:, -1])
-    untouched(model, prompts, reference)
-    assert torch.equal(run(model, prompts, vf.pixels(3))[1], reference[1])
+    assert not torch.equal(tokens, vlm.reference[1]) or not torch.equal(out.logits[:, -1], vlm.reference[0][:, -1])
+    untouched(vlm)
+    assert torch.equal(vlm.run()[1], vlm.reference[1])
 
 
 def masked_oracle(model, language, visual: torch.Tensor, kept: dict[int, list[list[int]]], **inputs) -> torch.Tensor:
@@ -152,28 +249,61 @@ def test_dropping_equals_masking_at_original_positions(model, prompts, case):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def record_selection(handle) -> dict[int, tuple[int, torch.Tensor | TokenPlan]]:
-    """Record what the method's cuts return in the next prefill: (sequence length, kept indices or plan) by layer."""
-    recorded, select = {}, handle.method.select
+@pytest.fixture(scope="module")
+def next_vlm(next_model):
+    return next_batch(next_model)
+
+
+def test_next_llm_site_leaves_the_vision_path_stock(next_vlm):
+    inner = next_vlm.model.model
+    with tr.apply(next_vlm.model, tr.FastVConfig(keep=40)) as handle:
+        assert handle.adapter.site == "llm" and not {"pack_image_features", "get_image_features"} & set(vars(inner))
+    untouched(next_vlm)
+
+
+def test_next_keep_beyond_an_image_raises_at_its_prefill_and_leaves_the_model_working(next_vlm):
+    smallest = min(next_vlm.visual)
+    with tr.apply(next_vlm.model, tr.FastVConfig(keep=smallest + 1)) as handle:
+        with pytest.raises(tr.ConfigError, match=rf"keep={smallest + 1} is larger than the {smallest} reducible tokens of this input"):
+            next_vlm.run()
+        big = next_vlm.visual.index(max(next_vlm.visual))
+        next_vlm.run(samples=[big])
+        assert handle.stats()["visual_tokens_per_sample"] == [schedule(handle.method, max(next_vlm.visual))]
+    untouched(next_vlm)
+
+
+Recorded = dict[int, list[tuple[int, torch.Tensor | TokenPlan]]]
+
+
+def record_selection(handle) -> Recorded:
+    """Record what the method's cuts return in the next prefill: by layer, (sequence length, kept indices or plan) per call.
+
+    A layer's cut is one call, or one per sample that cuts in a batch whose samples have different visual counts.
+    """
+    recorded, select, prefill = {}, handle.method.select, handle.stats()["prefills"] + 1
 
     def recording(site):
-        recorded.setdefault(site.layer, (site.hidden.shape[1], select(site)))
-        return recorded[site.layer][1]
+        choice = select(site)
+        if handle.stats()["prefills"] == prefill:
+            recorded.setdefault(site.layer, []).append((site.hidden.shape[1], choice))
+        return choice
 
     handle.method.select = recording
     return recorded
 
 
-def replay_selection(handle, recorded: dict[int, tuple[int, torch.Tensor | TokenPlan]]) -> None:
-    """Make every later cut repeat the recorded one, whatever the scores.
+def replay_selection(handle, recorded: Recorded) -> None:
+    """Make every later cut repeat the recorded one, whatever the scores (each prefill makes the same calls in the same order).
 
     A no-cache ``generate`` re-runs the prompt (same padding, same indices) with the new
     tokens appended after it: kept visual indices stay valid, and a plan also keeps
     the appended tokens, which come after every output it merges into.
     """
+    calls: dict[tuple[int, int], itertools.count] = {}
 
     def select(site):
-        length, choice = recorded[site.layer]
+        call = next(calls.setdefault((handle.stats()["prefills"], site.layer), itertools.count()))
+        length, choice = recorded[site.layer][call]
         if not isinstance(choice, TokenPlan):
             return choice
         appended = torch.arange(length, site.hidden.shape[1]).expand(choice.keep.shape[0], -1)
@@ -182,32 +312,35 @@ def replay_selection(handle, recorded: dict[int, tuple[int, torch.Tensor | Token
     handle.method.select = select
 
 
+@ALL_BATCHES
 @pytest.mark.parametrize("case", list(CASES))
-def test_cached_generate_equals_recomputation_with_the_same_kept_set(model, prompts, case):
-    with tr.apply(model, CASES[case][1]) as handle:
+def test_cached_generate_equals_recomputation_with_the_same_kept_set(vlm, case):
+    with tr.apply(vlm.model, CASES[case][1]) as handle:
         recorded = record_selection(handle)
-        _, cached = run(model, prompts, vf.pixels(3))
+        _, cached = vlm.run()
         replay_selection(handle, recorded)
-        _, recomputed = run(model, prompts, vf.pixels(3), use_cache=False)
+        _, recomputed = vlm.run(use_cache=False)
     assert torch.equal(cached, recomputed)
 
 
+@ALL_BATCHES
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_padded_batch_equals_samples_one_by_one(model, prompts, case, side):
-    pixels = vf.pixels(3, seed=4)
-    width = max(map(len, prompts))
-    with tr.apply(model, CASES[case][1]) as handle:
-        batch_logits, batch_tokens = run(model, prompts, pixels, side=side)
+def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
+    width = max(map(len, vlm.prompts))
+    with tr.apply(vlm.model, CASES[case][1]) as handle:
+        batch_logits, batch_tokens = vlm.run(side=side, seed=4)
         batch_kept = handle.stats()["kept"]
-        removed = vf.IMAGE_TOKENS - CASES[case][2][-1]
-        for i, prompt in enumerate(prompts):
-            logits, tokens = run(model, [prompt], pixels[i : i + 1])
+        for i, prompt in enumerate(vlm.prompts):
+            logits, tokens = vlm.run(seed=4, samples=[i])
             offset = width - len(prompt) if side == "left" else 0
-            assert {layer: [[c - offset for c in rows[i]]] for layer, rows in batch_kept.items()} == handle.stats()["kept"]
+            expected = {layer: [[c - offset for c in rows[i]]] for layer, rows in batch_kept.items()} if vlm.visual[i] else {}
+            assert expected == handle.stats()["kept"]
             if side == "left":  # generation with right padding is wrong for any decoder-only model
                 assert torch.equal(tokens[0], batch_tokens[i])
-            last = -1 if side == "left" else len(prompt) - removed - 1
+            # right padding: a sample's own run keeps its live tokens; in the batch its padding, then its removed
+            # tokens before its last one, fill it up to the batch's length
+            last = -1 if side == "left" else max(logits.shape[1], batch_logits.shape[1] - width + len(prompt)) - 1
             torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
 
 
@@ -238,13 +371,13 @@ def counted_calls(language, monkeypatch) -> Iterator[tuple[list[int], list[int]]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_layer_runs_once_and_attention_stays_sdpa(model, prompts, case, monkeypatch):
-    ids, mask = vf.batch(prompts)
-    with counted_calls(model.model.language_model, monkeypatch) as (layer_calls, calls), tr.apply(model, CASES[case][1]):
+def test_each_layer_runs_once_and_attention_stays_sdpa(vlm, case, monkeypatch):
+    ids, mask = vf.batch(vlm.prompts)
+    with counted_calls(vlm.model.model.language_model, monkeypatch) as (layer_calls, calls), tr.apply(vlm.model, CASES[case][1]):
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3))
+            vlm.model(input_ids=ids, attention_mask=mask, **vlm.images())
             assert layer_calls == [1] * LAYERS and calls == list(range(LAYERS))
-            model.generate(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3), max_new_tokens=4, do_sample=False)
+            vlm.model.generate(input_ids=ids, attention_mask=mask, **vlm.images(), max_new_tokens=4, do_sample=False)
     assert layer_calls == [5] * LAYERS  # one prefill + 3 decode steps, each layer once per forward
     assert calls == list(range(LAYERS)) * 5
 
@@ -270,23 +403,24 @@ def test_fastv_defaults_are_the_papers():
         assert handle.method.cuts(576) == [(2, 288)]
 
 
-def test_prompt_without_image_is_a_no_op_with_a_stats_note(model):
+def test_prompt_without_image_is_a_no_op_with_a_stats_note(vlm):
     ids, mask = vf.batch([[vf.BOS, 7, 8, 9]])
-    vf.assert_text_only_prompt_is_a_no_op(model, tr.FastVConfig(keep=16), {"input_ids": ids, "attention_mask": mask})
+    vf.assert_text_only_prompt_is_a_no_op(vlm.model, tr.FastVConfig(keep=16), {"input_ids": ids, "attention_mask": mask})
 
 
 def assert_detached(model) -> None:
-    """No hook, probe or attention switch of the decoder machinery is left on a multimodal model."""
+    """No hook, probe, forward wrapper or attention switch of the decoder machinery is left on a multimodal model."""
     language = model.model.language_model
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert not any(layer._forward_pre_hooks for layer in language.layers)
+    assert "forward" not in vars(model.model)
+    assert not any(layer._forward_pre_hooks or layer.self_attn._forward_pre_hooks for layer in language.layers)
     assert not (language._forward_pre_hooks or language._forward_hooks or model.model._forward_pre_hooks)
     assert not any(layer.self_attn in decoder._OBSERVERS for layer in language.layers)
 
 
-def untouched(model, prompts, reference):
-    assert_detached(model)
-    assert torch.equal(run(model, prompts, vf.pixels(3))[0], reference[0])
+def untouched(vlm: Batch) -> None:
+    assert_detached(vlm.model)
+    assert torch.equal(vlm.run()[0], vlm.reference[0])
 
 
 @pytest.mark.parametrize("config, message", [
@@ -294,10 +428,10 @@ def untouched(model, prompts, reference):
     (lambda: tr.FastVConfig(layer=9, keep=8), r"layer=9 is out of range"),
     (lambda: tr.FastVConfig(keep=200), r"keep=200 is larger than the 144 reducible tokens"),
 ])
-def test_bad_config_leaves_the_model_untouched(model, prompts, reference, config, message):
+def test_bad_config_leaves_the_model_untouched(model, llava, config, message):
     with pytest.raises(tr.ConfigError, match=message):
         tr.apply(model, config())
-    untouched(model, prompts, reference)
+    untouched(llava)
 
 
 def test_layer_zero_is_refused_before_apply():
@@ -313,7 +447,7 @@ def test_a_language_model_off_sdpa_is_refused_untouched(model):
     assert eager.config.text_config._attn_implementation == "eager" and tr.remove(eager) == 0
 
 
-def test_static_cache_is_refused(model, prompts, reference):
+def test_static_cache_is_refused(model, prompts, llava):
     from transformers import StaticCache
 
     ids, mask = vf.batch(prompts)
@@ -321,27 +455,15 @@ def test_static_cache_is_refused(model, prompts, reference):
         with pytest.raises(ValueError, match=r"needs a DynamicCache \(per-layer lengths\), got StaticCache"):
             model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(3),
                   past_key_values=StaticCache(config=model.config.text_config, max_cache_len=256))
-    untouched(model, prompts, reference)
-
-
-def test_unequal_visual_counts_raise_and_leave_the_model_working(model, prompts, reference):
-    ids, mask = vf.batch([vf.prompt([7], [8]), [vf.BOS, 7, 8, 9]])
-    with tr.apply(model, tr.FastVConfig(keep=16)):
-        with pytest.raises(ValueError, match=r"same number of visual tokens in every sample, got \[144, 0\]"):
-            model(input_ids=ids, attention_mask=mask, pixel_values=vf.pixels(1))
-    untouched(model, prompts, reference)
+    untouched(llava)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bf16(model, prompts, case):
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    reference = run(bf16, prompts, vf.pixels(3).to(torch.bfloat16))
-    with tr.apply(bf16, CASES[case][0]):
-        zero = run(bf16, prompts, vf.pixels(3).to(torch.bfloat16))
-    with tr.apply(bf16, CASES[case][1]) as handle:
-        logits, _ = run(bf16, prompts, vf.pixels(3).to(torch.bfloat16))
-        assert handle.stats()["visual_tokens_per_layer"] == CASES[case][2]
-    assert torch.equal(zero[0], reference[0]) and torch.equal(zero[1], reference[1])
+def test_bf16(vlm, case):
+    vlm = in_dtype(vlm, torch.bfloat16)
+    with tr.apply(vlm.model, CASES[case][1]) as handle:
+        logits, _ = vlm.run()
+        assert handle.stats()["visual_tokens_per_sample"] == [schedule(handle.method, n) for n in vlm.visual]
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
@@ -422,10 +544,10 @@ def test_bad_schedules_are_refused(config, message):
     (lambda: tr.FiCoCoLConfig(), r"start_layer=4 leaves no layer to reduce in this 4-layer decoder"),
     (lambda: tr.FiCoCoLConfig(start_layer=0, r=100), r"cannot remove 200 of 144 tokens over 2 layers"),
 ])
-def test_cut_layers_beyond_the_decoder_leave_the_model_untouched(model, prompts, reference, config, message):
+def test_cut_layers_beyond_the_decoder_leave_the_model_untouched(model, llava, config, message):
     with pytest.raises(tr.ConfigError, match=message):
         tr.apply(model, config())
-    untouched(model, prompts, reference)
+    untouched(llava)
 
 
 def test_dart_defaults_and_exact_budget():

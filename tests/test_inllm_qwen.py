@@ -146,7 +146,6 @@ def test_padded_batch_of_same_size_images_equals_samples_one_by_one(model, case,
     assert_batch_equals_samples(model, CASES[case][1], [qf.SQUARE] * len(TEXTS), side)
 
 
-@pytest.mark.xfail(strict=True, reason="ragged visual counts: branch nextllm")
 @pytest.mark.parametrize("case", list(CASES))
 def test_padded_batch_of_different_image_sizes_equals_samples_one_by_one(model, case):
     assert_batch_equals_samples(model, CASES[case][1], [qf.SQUARE, qf.WIDE, qf.SQUARE], "left")

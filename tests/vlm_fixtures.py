@@ -63,10 +63,13 @@ def assert_text_only_prompt_is_a_no_op(model: torch.nn.Module, config, inputs: d
 
 
 def logits_and_tokens(
-    model: torch.nn.Module, prompts: list[list[int]], pixels: torch.Tensor, side: str = "left",
+    model: torch.nn.Module, prompts: list[list[int]], pixels: torch.Tensor | dict[str, torch.Tensor], side: str = "left",
     count_positions: bool = False, **generate,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of one forward and 4 greedy tokens of the padded batch of ``prompts``.
+
+    ``pixels``: the images' pixel values, or all the model's image inputs by keyword
+    (LLaVA-NeXT's ``pixel_values`` and ``image_sizes``; empty for prompts without images).
 
     ``count_positions``: the forward gets position ids that skip left padding, as ``generate`` computes them
     (methods whose scores depend on absolute positions, e.g. DART's key norms after RoPE, need it for a
@@ -74,8 +77,9 @@ def logits_and_tokens(
     """
     ids, mask = batch(prompts, side)
     positions = {"position_ids": (mask.cumsum(dim=1) - 1).clamp_min(0)} if count_positions else {}
+    images = pixels if isinstance(pixels, dict) else {"pixel_values": pixels}
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, **positions).logits
-        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+        logits = model(input_ids=ids, attention_mask=mask, **images, **positions).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=4, do_sample=False,
                                 suppress_tokens=[IMAGE_TOKEN], **generate)
     return logits, tokens[:, ids.shape[1]:]

@@ -11,8 +11,21 @@ How a prefill is cut. Nothing of the model's code is copied; forward pre-hooks
 on the decoder layers rewrite their inputs:
 
 * At a cut layer K the method picks the surviving visual tokens per sample; the
-  hidden states entering K are gathered. Text and padding always survive, so
-  every sample keeps the same count and the batch stays rectangular.
+  hidden states entering K are gathered. Text always survives.
+* Samples may hold different numbers of visual tokens (AnyRes images of different
+  sizes, several images in one sample, none), and each keeps what the method's
+  ``cuts()`` gives for its own count. The batch stays rectangular: after a cut it
+  is as long as its longest sample's live tokens (text and kept visual ones), and
+  every shorter sample fills up with its other columns: its padding first, then
+  earlier fillers and the tokens just removed, in sequence order. Fillers are
+  *dead*: zeroed in the 2-D mask every later layer's mask is built from, in the
+  prefill and at every decode step, and never visual or text to a method again,
+  so the live tokens attend exactly as in the sample's own run. A padded batch
+  whose samples share the visual count keeps exactly its padding as fillers.
+  Methods score rectangular blocks of visual tokens, so a
+  batch with different counts is scored and cut sample by sample, each on its
+  own slice (decisions are per sample anyway, convention 0.5.7); a batch whose
+  samples share the count runs every method call once for the whole batch.
 * Every layer >= K then receives, instead of the model's full-length tensors,
   the position embeddings (cos, sin) and position ids *gathered* at the
   survivors' original columns (survivors keep their RoPE positions, convention
@@ -23,13 +36,13 @@ on the decoder layers rewrite their inputs:
   stays the full prompt length, so ``generate()`` continues the positions from
   the original length.
 * At each decode step on that cache, the 2-D mask is gathered at (survivor
-  columns, decode columns) and a mask is rebuilt for the first layer of every
-  stage from that layer's cache length (convention 0.5.6). Each layer runs once
-  per forward; nothing is re-run to obtain scores.
-* The decoder's output covers the survivors only, so a prefill's logits are
-  shorter than the prompt (as in FastV's inplace mode); ``stats()`` reports the
-  sequence length at every layer, and from it the prefill FLOPs
-  (:class:`~tokenreduce.methods.inllm.DecoderShape`, whose dimensions
+  columns, decode columns), dead columns zeroed, and a mask is rebuilt for the
+  first layer of every stage from that layer's cache length (convention 0.5.6).
+  Each layer runs once per forward; nothing is re-run to obtain scores.
+* The decoder's output covers the survivors (and dead columns) only, so a
+  prefill's logits are shorter than the prompt (as in FastV's inplace mode);
+  ``stats()`` reports the sequence length at every layer, and from it the prefill
+  FLOPs (:class:`~tokenreduce.methods.inllm.DecoderShape`, whose dimensions
   :func:`decoder_shape` reads for the adapters' ``facts["decoder"]``).
 
 Scores. The LLM's attention implementation is switched to ``tokenreduce_sdpa``
@@ -58,16 +71,18 @@ follow a plain cut.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, visible_keys, visual_per_layer
+from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, visible_keys
 from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
@@ -112,13 +127,21 @@ def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device
     return last_true(mask2d.bool())
 
 
+class Stage(NamedTuple):
+    """The tokens that layers from ``first`` on hold, for decode steps to follow."""
+
+    first: int
+    columns: torch.Tensor  # [B, n] original column of each token
+    live: torch.Tensor | None  # [B, n] bool, False at dead columns (None: there are none)
+
+
 @dataclass
 class Prefill:
     """A cut prompt, so that decode steps on the same cache can follow it."""
 
     cache: Any  # weakref to the KV cache the cut prefill filled
     length: int  # prompt length before any cut
-    stages: list[tuple[int, torch.Tensor]]  # (first layer, [B, n] original columns kept from that layer on)
+    stages: list[Stage]
 
 
 @dataclass
@@ -128,24 +151,34 @@ class Pass:
     decode: bool
     mask2d: torch.Tensor | None  # [B, L] the model's 2-D padding mask (full length)
     columns: torch.Tensor | None = None  # [B, N] original column of each current token (prefill)
-    visual: torch.Tensor | None = None  # [B, N] bool
+    visual: torch.Tensor | None = None  # [B, N] bool, the live visual tokens
+    dead: torch.Tensor | None = None  # [B, N] bool, fillers: columns kept only so that the batch stays rectangular
     query: torch.Tensor | None = None  # [B] last real token, current index
-    cuts: dict[int, int] = field(default_factory=dict)
+    cuts: dict[int, list[int]] = field(default_factory=dict)  # layer -> visual tokens each sample keeps from it on
+    ragged: bool = False  # samples have different visual counts: scored and cut sample by sample
     attention_mask: Any = None  # the mask of the current stage
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids: torch.Tensor | None = None
     cut: bool = False
     observed: dict[int, Any] = field(default_factory=dict)
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (cos, sin) each observed layer applied
-    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
     past: int = 0  # decode: tokens in layer 0's cache before this step
     length: int = 0  # prefill: prompt length before any cut
     inputs: torch.Tensor | None = None  # prefill: [B, L, C] the decoder's input embeddings
     input_visual: torch.Tensor | None = None  # prefill: [B, L] bool, visual tokens of the prompt
 
+    def attended(self) -> torch.Tensor | None:
+        """[B, N] 2-D mask of the current tokens: the padding mask at their columns, 0 at dead ones (None: all attended)."""
+        padding = self.mask2d.gather(1, self.columns) if self.mask2d is not None else None
+        if not bool(self.dead.any()):
+            return padding
+        return (~self.dead).long() if padding is None else padding * ~self.dead
+
     def text(self) -> torch.Tensor:
-        """[B, N] bool: the current real (unpadded) non-visual tokens."""
-        real = self.mask2d.gather(1, self.columns).bool() if self.mask2d is not None else torch.ones_like(self.visual)
+        """[B, N] bool: the current real (unpadded, live) non-visual tokens."""
+        attended = self.attended()
+        real = attended.bool() if attended is not None else torch.ones_like(self.visual)
         return real & ~self.visual
 
 
@@ -162,8 +195,8 @@ class DecoderRun:
     prefills: int = 0
     batch: int = 0  # samples in the last prefill
     images: int = 0
-    visual_in: int = 0
-    visual_per_layer: list[int] = field(default_factory=list)
+    visual_in: list[int] = field(default_factory=list)  # per sample
+    visual_per_sample: list[list[int]] = field(default_factory=list)  # [B][layer]
     sequence_per_layer: list[int] = field(default_factory=list)
     kept: dict[int, list[list[int]]] = field(default_factory=dict)
     kv_cache_bytes: int | None = None  # held by the cache after the last forward (None without a cache)
@@ -175,19 +208,29 @@ class DecoderRun:
     def stats(self) -> dict[str, Any]:
         """What the last prefill did: visual tokens and sequence length per layer, T_eq (METHODS.md sec. E4), cache, FLOPs.
 
-        ``prefill_flops`` / ``prefill_flops_full`` are that prefill's decoder FLOPs for
-        the whole batch with and without the reduction, in the scope
-        :class:`DecoderShape` documents (decoder layers' matrix products at each
-        layer's length; no LM head, no scoring), ``prefill_flops_ratio`` their
-        quotient; all None before a prefill or without ``facts["decoder"]``.
+        The batch-level keys are per sample's when every sample has the same visual
+        count. In a batch whose samples have different visual counts,
+        ``visual_tokens_in`` lists them, ``visual_tokens_per_layer`` is the mean over
+        samples (so ``equivalent_tokens`` is the batch mean) and
+        ``visual_tokens_per_sample`` gives each sample's layers. ``images`` counts the
+        samples with visual tokens; ``sequence_per_layer`` is the batch's length (the
+        KV cache's) at each layer. ``prefill_flops`` / ``prefill_flops_full`` are that
+        prefill's decoder FLOPs for the whole batch at that length with and without
+        the reduction, in the scope :class:`DecoderShape` documents (decoder layers'
+        matrix products at each layer's length; no LM head, no scoring),
+        ``prefill_flops_ratio`` their quotient; all None before a prefill or without
+        ``facts["decoder"]``.
         """
         layers = len(self.layers)
-        visual = self.visual_per_layer or [self.visual_in] * layers
+        samples = self.visual_per_sample or [[0] * layers]
+        uniform = all(row == samples[0] for row in samples)
+        visual = samples[0] if uniform else [sum(column) / len(samples) for column in zip(*samples)]
         stats: dict[str, Any] = {
             "images": self.images,
-            "visual_tokens_in": self.visual_in,
-            "visual_tokens_out": [visual[-1]] * self.images,
+            "visual_tokens_in": visual[0] if uniform else list(self.visual_in),
+            "visual_tokens_out": [row[-1] for row in self.visual_per_sample],
             "visual_tokens_per_layer": list(visual),
+            "visual_tokens_per_sample": [list(row) for row in self.visual_per_sample],
             "sequence_per_layer": list(self.sequence_per_layer),
             "equivalent_tokens": sum(visual) / layers,
             "kv_cache_bytes": self.kv_cache_bytes,
@@ -209,7 +252,7 @@ class DecoderRun:
 
     def reset(self) -> None:
         self.current, self.prefill, self.prefills = None, None, 0
-        self.visual_per_layer, self.sequence_per_layer, self.kept = [], [], {}
+        self.visual_per_sample, self.sequence_per_layer, self.kept = [], [], {}
 
     def begin(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """Decoder pre-hook: classify the forward as a cut prefill, a decode step on a cut cache, or a pass-through."""
@@ -237,37 +280,57 @@ class DecoderRun:
         self.prefills += 1
         self.batch = tokens.shape[0]
         self.prefill, self.kept, self.kv_cache_bytes = None, {}, None
-        batch = visual.shape[0] if visual is not None else 1
-        self.images, self.visual_in = 0, 0
-        self.visual_per_layer, self.sequence_per_layer = [], [length] * len(self.layers)
+        self.images, self.visual_in, self.visual_per_sample = 0, [], []
+        self.sequence_per_layer = [length] * len(self.layers)
         if not has_image:
             return
         _check_cache(cache)
-        counts = visual.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                f"tokenreduce: in-LLM reduction keeps the batch rectangular and needs the same number of visual tokens "
-                f"in every sample, got {counts.tolist()}; batch prompts with the same images count together"
-            )
-        n = int(counts[0])
-        cuts = self.method.cuts(n, length)
-        self.images, self.visual_in = batch, n
-        self._record_schedule(n, length, cuts)
-        if all(keep >= n for _, keep in cuts):
+        counts = visual.sum(dim=1).tolist()
+        cuts = self._cuts(counts, length)
+        self.images, self.visual_in = sum(n > 0 for n in counts), counts
+        self._record_schedule(counts, mask2d.sum(dim=1).tolist() if mask2d is not None else [length] * len(counts), length, cuts)
+        if all(keep >= n for sample, n in zip(cuts, counts) for keep in sample.values()):
             return
-        device = visual.device
+        batch, device = visual.shape[0], visual.device
         inputs = embeds if embeds is not None else self.decoder.get_input_embeddings()(kwargs.get("input_ids", args[0] if args else None))
         self.current = Pass(
-            decode=False, mask2d=mask2d, visual=visual,
+            decode=False, mask2d=mask2d, visual=visual, dead=torch.zeros_like(visual),
             columns=torch.arange(length, device=device).expand(batch, length),
-            query=last_real_token(mask2d, batch, length, device), cuts=dict(cuts), length=length,
-            inputs=inputs, input_visual=visual,
+            query=last_real_token(mask2d, batch, length, device), cuts={layer: [sample[layer] for sample in cuts] for layer in cuts[0]},
+            ragged=len(set(counts)) > 1, length=length, inputs=inputs, input_visual=visual,
         )
 
-    def _record_schedule(self, n: int, length: int, cuts: list[tuple[int, int]]) -> None:
-        visual = visual_per_layer(n, cuts, len(self.layers))
-        self.visual_per_layer = visual
-        self.sequence_per_layer = [length - (n - v) for v in visual]
+    def _cuts(self, counts: list[int], length: int) -> list[dict[int, int]]:
+        """Each sample's cuts {layer: visual tokens kept from that layer on}, solved once per visual count in the batch.
+
+        A budget a count cannot meet raises the method's ConfigError here, before any
+        layer runs. A sample without visual tokens has nothing to cut (it keeps 0 at
+        every cut layer). Cut layers never depend on the count, so one set of layers
+        serves the batch.
+        """
+        solved = {n: dict(self.method.cuts(n, length)) for n in sorted(set(counts)) if n > 0}
+        layers = {tuple(cuts) for cuts in solved.values()}
+        if len(layers) > 1:
+            raise RuntimeError(f"tokenreduce: {type(self.method).__name__}.cuts() names different layers for different visual counts: {sorted(layers)}")
+        empty = dict.fromkeys(layers.pop(), 0)
+        return [solved.get(n, empty) for n in counts]
+
+    def _record_schedule(self, counts: list[int], real: list[int], length: int, cuts: list[dict[int, int]]) -> None:
+        """Visual tokens of each sample and the batch's length at every layer (after a cut: the most live tokens of a sample).
+
+        ``real``: each sample's unpadded tokens.
+        """
+        current, live, width = list(counts), list(real), length
+        self.visual_per_sample, self.sequence_per_layer = [[] for _ in counts], []
+        for layer in range(len(self.layers)):
+            kept = [min(n, at.get(layer, n)) for n, at in zip(current, cuts)]
+            if kept != current:
+                live = [t - n + k for t, n, k in zip(live, current, kept)]
+                width = max(live)
+            current = kept
+            for row, n in zip(self.visual_per_sample, current):
+                row.append(n)
+            self.sequence_per_layer.append(width)
 
     def enter(self, layer: int, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """Decoder-layer pre-hook: cut at a cut layer, then hand every later layer the sliced inputs."""
@@ -277,8 +340,11 @@ class DecoderRun:
         hidden = args[0] if args else kwargs["hidden_states"]
         if run.decode:
             return self._follow(layer, hidden, args, kwargs)
-        if layer in run.cuts and run.cuts[layer] < int(run.visual[0].sum()):
-            hidden = self._cut(layer, hidden, kwargs)
+        if layer in run.cuts:
+            counts = run.visual.sum(dim=1).tolist()
+            keep = [min(k, n) for k, n in zip(run.cuts[layer], counts)]
+            if keep != counts:
+                hidden = self._cut(layer, hidden, kwargs, keep, counts)
         if not run.cut:
             return None
         kwargs.update(attention_mask=run.attention_mask, position_embeddings=run.position_embeddings, position_ids=run.position_ids)
@@ -287,47 +353,86 @@ class DecoderRun:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _cut(self, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _cut(self, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any], keep: list[int], counts: list[int]) -> torch.Tensor:
+        """Cut at ``layer``: sample b keeps ``keep[b]`` of its ``counts[b]`` visual tokens; the batch stays rectangular.
+
+        The batch keeps its longest sample's live tokens; every other sample fills up
+        with its other columns (padding first, then dead and removed tokens in sequence
+        order), which are then *dead*: masked out of attention at every later layer and
+        decode step.
+        """
         run = self.current
-        batch, n = hidden.shape[:2]
+        n = hidden.shape[1]
         full_embeddings = kwargs["position_embeddings"]
         embeddings = run.position_embeddings if run.cut else full_embeddings
         mask = run.attention_mask if run.cut else kwargs.get("attention_mask")
         site = CutSite(
-            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text(), query=run.query, keep=run.cuts[layer],
+            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text(), query=run.query, keep=keep[0],
             observed=run.observed, final_norm=self.decoder.norm,
-            row_probe=lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask),
+            row_probe=functools.cache(lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask)),
         )
-        count = n - int(run.visual[0].sum()) + run.cuts[layer]
-        choice = self.method.select(site)
-        if isinstance(choice, TokenPlan):
-            keep = choice.keep
-            _check_plan(choice, run.visual, count)
-        else:
-            keep = true_indices((~run.visual).scatter(1, choice, True), count)
-        run.query = output_index(keep, n).gather(1, run.query[:, None])[:, 0]
-        run.columns, run.visual = run.columns.gather(1, keep), run.visual.gather(1, keep)
+        survivors, plans = self._select(site, keep, counts)
+        survivors &= run.visual | run.text()
+        count = survivors.sum(dim=1, keepdim=True)
+        dropped = ~survivors
+        width = int(count.max())
+        padding = run.mask2d.gather(1, run.columns) == 0 if run.mask2d is not None else torch.zeros_like(dropped)
+        position = torch.arange(n, device=hidden.device)
+        rank = torch.where(dropped, position + n * ~padding, 2 * n).argsort(dim=1).argsort(dim=1)
+        kept = true_indices(survivors | (dropped & (rank < width - count)), width)
+        cut = gather_tokens(hidden, kept)
+        for rows, plan in plans:
+            cut[rows] = apply_plan(_widen(plan, kept[rows], n), hidden[rows])[0]
+        run.query = output_index(kept, n).gather(1, run.query[:, None])[:, 0]
+        run.dead = dropped.gather(1, kept)
+        run.columns, run.visual = run.columns.gather(1, kept), run.visual.gather(1, kept) & ~run.dead
         run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in full_embeddings)
         run.position_ids = _gather_ids(kwargs["position_ids"], run.columns)
-        hidden = apply_plan(choice, hidden)[0] if isinstance(choice, TokenPlan) else gather_tokens(hidden, keep)
-        cache = kwargs.get("past_key_values")
-        run.attention_mask = self._mask(layer, hidden, run.mask2d.gather(1, run.columns) if run.mask2d is not None else None, cache)
+        run.attention_mask = self._mask(layer, cut, run.attended(), kwargs.get("past_key_values"))
         run.cut = True
-        run.stages.append((layer, run.columns))
-        self.kept[layer] = run.columns.masked_select(run.visual).view(batch, -1).tolist()
-        return hidden
+        run.stages.append(Stage(layer, run.columns, ~run.dead if bool(run.dead.any()) else None))
+        self.kept[layer] = [row[visual].tolist() for row, visual in zip(run.columns, run.visual)]
+        return cut
+
+    def _select(self, site: CutSite, keep: list[int], counts: list[int]) -> tuple[torch.Tensor, list[tuple[slice, TokenPlan]]]:
+        """The method's cut as [B, N] bool survivors (non-visual tokens and kept visual ones), with the plans that merge.
+
+        Methods score rectangular blocks of visual tokens, so a batch whose samples
+        have different visual counts is scored (:meth:`observer`) and cut sample by
+        sample, each on its own slice of the batch, as decisions are per sample anyway
+        (convention 0.5.7); a sample that removes nothing here is not asked.
+        """
+        if not self.current.ragged:
+            survivor, plan = _survivors(self.method.select(site), site.visual, keep[0])
+            return survivor, [] if plan is None else [(slice(None), plan)]
+        rows, plans = [], []
+        for b, (k, n) in enumerate(zip(keep, counts)):
+            if k == n:
+                rows.append(torch.ones_like(site.visual[b : b + 1]))
+                continue
+            mine = _sample(site, b, keep=k, observed={layer: seen[b] for layer, seen in site.observed.items()},
+                           row_probe=lambda probe=site.row_probe, b=b: tuple(_row(t, b) for t in probe()))
+            survivor, plan = _survivors(self.method.select(mine), mine.visual, k)
+            rows.append(survivor)
+            if plan is not None:
+                plans.append((slice(b, b + 1), plan))
+        return torch.cat(rows), plans
 
     def _follow(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         run, prefill = self.current, self.prefill
-        starts = [columns for first, columns in prefill.stages if first <= layer]
-        if not starts:
+        stages = [stage for stage in prefill.stages if stage.first <= layer]
+        if not stages:
             return None
-        if any(first == layer for first, _ in prefill.stages):
+        stage = stages[-1]
+        if stage.first == layer:
             total = run.past + hidden.shape[1]
             mask2d = None
-            if run.mask2d is not None:
+            if run.mask2d is not None or stage.live is not None:
                 tail = torch.arange(prefill.length, total, device=hidden.device).expand(hidden.shape[0], -1)
-                mask2d = run.mask2d.gather(1, torch.cat([starts[-1], tail], dim=1))
+                columns = torch.cat([stage.columns, tail], dim=1)
+                mask2d = run.mask2d.gather(1, columns) if run.mask2d is not None else torch.ones_like(columns)
+                if stage.live is not None:
+                    mask2d = mask2d * torch.cat([stage.live, torch.ones_like(tail, dtype=torch.bool)], dim=1)
             run.attention_mask = self._mask(layer, hidden, mask2d, kwargs.get("past_key_values"))
         kwargs["attention_mask"] = run.attention_mask
         return args, kwargs
@@ -343,7 +448,7 @@ class DecoderRun:
                                   past_key_values=cache, position_ids=None, layer_idx=layer)
 
     def observer(self, layer: int) -> Any:
-        """The callback ``probe_attention`` runs for layer ``layer`` during a cut prefill.
+        """The callback ``probe_attention`` runs for layer ``layer`` during a cut prefill (per sample in a ragged batch).
 
         The layer's RoPE is the (cos, sin) its attention module received (:meth:`keep_rope`),
         whatever the model computes them from (M-RoPE sections included).
@@ -357,9 +462,12 @@ class DecoderRun:
                 query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
                 columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
                 input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
-                rope=lambda: run.rope[layer],
+                rope=run.rope[layer],
             )
-            run.observed[layer] = self.method.observe_attention(layer, attention)
+            if run.ragged:
+                run.observed[layer] = [self.method.observe_attention(layer, _sample(attention, b)) for b in range(query.shape[0])]
+            else:
+                run.observed[layer] = self.method.observe_attention(layer, attention)
 
         return observe
 
@@ -375,6 +483,40 @@ class DecoderRun:
         self.kv_cache_bytes = _cache_bytes(cache)
         if cache is not None and run is not None and run.cut:
             self.prefill = Prefill(weakref.ref(cache), run.length, run.stages)
+
+
+def _row(value: Any, b: int) -> Any:
+    """Sample ``b`` of a batch-first tensor (or a tuple of them); a tensor broadcast over the batch ([1, ...]) and anything else pass through."""
+    if isinstance(value, tuple):
+        return tuple(_row(item, b) for item in value)
+    return value[b : b + 1] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1 else value
+
+
+def _sample(batch: Any, b: int, **fields: Any) -> Any:
+    """Sample ``b`` of a frozen dataclass of batch-first tensors (:class:`CutSite`, :class:`LayerAttention`), ``fields`` replaced."""
+    rows = {f.name: _row(getattr(batch, f.name), b) for f in dataclasses.fields(batch) if f.name not in fields}
+    return dataclasses.replace(batch, **rows, **fields)
+
+
+def _survivors(choice: torch.Tensor | TokenPlan, visual: torch.Tensor, keep: int) -> tuple[torch.Tensor, TokenPlan | None]:
+    """A method's choice (kept visual indices, or a plan) as [B, N] bool survivors, and the plan if it merges."""
+    if isinstance(choice, TokenPlan):
+        _check_plan(choice, visual, visual.shape[1] - int(visual[0].sum()) + keep)
+        return torch.zeros_like(visual).scatter(1, choice.keep, True), choice
+    return (~visual).scatter(1, choice, True), None
+
+
+def _widen(plan: TokenPlan, keep: torch.Tensor, n: int) -> TokenPlan:
+    """``plan`` with ``keep`` ([B, K'] ascending) as kept tokens, merges retargeted.
+
+    ``keep`` holds the plan's kept live tokens, which its merges fold into, and
+    fillers; padding or dead columns the plan keeps may be gone from it.
+    """
+    if plan.merge_dst is None:
+        return dataclasses.replace(plan, keep=keep)
+    moved = output_index(keep, n).gather(1, plan.keep)  # new output of each old output
+    dst = moved.gather(1, plan.merge_dst.flatten(1)).view_as(plan.merge_dst)
+    return dataclasses.replace(plan, keep=keep, merge_dst=dst)
 
 
 def _gather_embedding(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -479,7 +479,9 @@ class LlavaAdapter(Adapter):
         if self.site == "projector_output":
             facts.update(num_layers=1, default_layer=0, protected_tokens=0 if self.drop_cls else self.tower.protected)
         if self.site == "llm":
-            facts.update(num_layers=len(self.inner.language_model.layers), reducible_tokens=self.placeholders(),
+            placeholders = self.placeholders()  # a function of each image: counts are only known at each prefill
+            facts.update(num_layers=len(self.inner.language_model.layers),
+                         reducible_tokens=placeholders if isinstance(placeholders, int) else None,
                          decoder=decoder_shape(self.inner.language_model.config))
         return facts
 

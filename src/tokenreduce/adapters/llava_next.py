@@ -15,6 +15,15 @@ Sites (METHODS.md sec. 0.3):
 * ``anyres``: the method sees all views of one image together when they are packed,
   with the q/k of the **last** ViT layer (probe P1 from its q/k projections; SDPA
   stays on), and returns the kept patches of each view (GlobalCom2, METHODS.md B8).
+* ``llm`` (H4/H5): cuts inside the language model, as on LLaVA-1.5: the stock
+  packing runs untouched (none of the machinery below is installed) and the
+  visual tokens are each image's whole placeholder run, ``input_ids ==
+  image_token_id``: thumbnail, unpadded canvas *and* the ``image_newline``
+  embeddings, which the in-LLM references treat as image tokens like any other.
+  Runs differ per image and per sample (no count at apply): each prefill solves
+  the method's cuts for each sample's count, and a budget an image cannot meet
+  raises ConfigError there; samples of one batch may differ (the ragged scheme of
+  :mod:`.decoder`).
 
 Stock packing needs full crop grids, so the adapter packs reduced views itself
 (:func:`pack_views`): the thumbnail's tokens as the method left them, then each kept
@@ -47,6 +56,7 @@ from ..errors import UnsupportedModelError
 from ..merge_slot import QKCapture, TowerRun, ViewsSite, replace_forward
 from ..registry import register_adapter
 from .base import Undo
+from .decoder import DecoderRun
 from .llava import LlavaAdapter, Placeholders, PlaceholderShrinker, VlmRun
 from .vit import VitTowerAdapter
 
@@ -108,7 +118,7 @@ def pack_views(
 class LlavaNextAdapter(LlavaAdapter):
     """Visual-token reduction for LLaVA-NeXT (AnyRes thumbnail + crops, unpadding, newline tokens)."""
 
-    sites = frozenset({"vit", "vit_output", "projector_output", "anyres"})
+    sites = frozenset({"vit", "vit_output", "projector_output", "anyres", "llm"})
     provides = frozenset()  # the tower's batch is views: prompt embeddings are not routed to them (no CDPruner)
 
     def __init__(self, model: nn.Module) -> None:
@@ -170,7 +180,9 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError("tokenreduce: LLaVA-NeXT needs image_sizes (height, width per image) to encode images")
         return list(self.inner.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True).pooler_output)
 
-    def attach(self, method: Any) -> tuple[list[Undo], VlmRun]:
+    def attach(self, method: Any) -> tuple[list[Undo], VlmRun | DecoderRun]:
+        if self.site == "llm":
+            return super().attach(method)
         if self.site == "anyres":
             capture = QKCapture()
             seam = self.score_tower.seam(self.score_tower.blocks[-1])

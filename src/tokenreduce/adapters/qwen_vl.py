@@ -70,7 +70,7 @@ from ..merge_slot import QKCapture, TowerRun, replace_forward
 from ..ops.scoring import attention_received
 from ..registry import lookup_by_class, register_adapter
 from .base import Adapter, Undo
-from .decoder import DecoderRun
+from .decoder import DecoderRun, decoder_shape
 from .llava import PlaceholderShrinker, VlmRun, attach_language_model, runs_per_sample
 
 _HF = "transformers.models"
@@ -304,7 +304,7 @@ class QwenVLAdapter(Adapter):
         return [self.inner, self.inner.visual, self.inner.visual.blocks[self.probe_block]]
 
     def describe(self) -> dict[str, Any]:
-        return {
+        facts = {
             "num_layers": len(self.inner.language_model.layers) if self.site == "llm" else 1,
             "default_layer": 0,
             "reducible_tokens": None,  # dynamic resolution: each image's merged count, checked when it arrives
@@ -313,6 +313,9 @@ class QwenVLAdapter(Adapter):
             "grid": None,
             "probe_block": self.probe_block,
         }
+        if self.site == "llm":
+            facts["decoder"] = decoder_shape(self.inner.language_model.config)
+        return facts
 
     def grid_for(self, tokens: int) -> tuple[int, int]:
         if tokens != self.grid[0] * self.grid[1]:

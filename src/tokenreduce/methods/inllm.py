@@ -117,11 +117,15 @@ class CutSite:
     sequence index of each current token (convention 0.5.2); visual: [B, N] bool, the
     visual tokens still present; text: [B, N] bool, real (unpadded) non-visual
     tokens; query: [B] index of each sample's last real token (the last
-    instruction token); keep: visual tokens to keep per sample; observed: what
+    instruction token); keep: visual tokens to keep in every sample; observed: what
     :meth:`DecoderMethod.observe` returned in this prefill, by layer; final_norm: the decoder's final norm; row_probe(): the last token's
     query row and all keys of *this* layer (its input norm, q/k projections and
     RoPE, P2), with the keys that row may see: (q [B, H, 1, d], k [B, H_kv, N, d],
     valid [B, 1, N], scale).
+
+    Every sample of a site has the same number of visual tokens and keeps the same
+    number: the machinery hands a batch whose samples differ to the method one
+    sample at a time (B = 1), for :meth:`DecoderMethod.observe_attention` as well.
     """
 
     layer: int
@@ -162,10 +166,10 @@ class LayerAttention:
     last real token; columns: [B, N] original column of each current token.
     inputs: [B, L0, C] the decoder's input embeddings before any cut, with
     input_visual / input_text: [B, L0] bool masks over them (for scores defined on
-    the prompt, as SparseVLM's raters). rope(): (cos, sin) [B, N, d], the rotary
-    embedding the layer applied to the current tokens' q and k (computed on demand,
-    for scores that separate position from content, as SparseVLM+'s gravity
-    correction). Nothing here is an attention map: a method computes only the rows
+    the prompt, as SparseVLM's raters). rope: (cos, sin) [1 or B, N, d], the rotary
+    embedding the layer applied to the current tokens' q and k, as its attention
+    module received it (for scores that separate position from content, as
+    SparseVLM+'s gravity correction). Nothing here is an attention map: a method computes only the rows
     and columns its card needs.
     """
 
@@ -180,7 +184,7 @@ class LayerAttention:
     inputs: torch.Tensor
     input_visual: torch.Tensor
     input_text: torch.Tensor
-    rope: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    rope: tuple[torch.Tensor, torch.Tensor]
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows [B, R] (current indices) -> (q [B, H, R, d], valid [B, R, N] keys each row may see)."""

@@ -167,7 +167,7 @@ class SparseVLM(DecoderMethod):
         query_rows, valid = attention.rows(rows)
         probs = query_rows_head_attention(query_rows, attention.key, attention.scale, valid)  # [B, H, R, N]
         if self.config.mode == "v2":
-            cos, sin = (t.expand(rows.shape[0], -1, -1) for t in attention.rope())
+            cos, sin = (t.expand(rows.shape[0], -1, -1) for t in attention.rope)
             rope_only = rope_only_logits((gather_tokens(cos, rows), gather_tokens(sin, rows)), (cos, sin), attention.query.shape[-1] ** -0.5)
             per_row = priority_heads_mean(gravity_corrected(probs, rope_only, attention.visual), weight)
         else:
