@@ -317,7 +317,7 @@ def _budget_label(config: dict[str, Any] | None) -> str:
     stages = {name: value for name, value in config.items() if isinstance(value, dict)}  # a staged method's stage configs
     if stages:
         return " ".join(f"{name}:{_budget_label(stage)}" for name, stage in stages.items())
-    for key in ("keep", "ratio", "r", "keep_rate"):
+    for key in ("keep", "ratio", "equivalent_tokens", "tflops", "r", "keep_rate", "schedule"):
         if config.get(key) is not None:
             return f"{key}={config[key]}"
     return "default"
