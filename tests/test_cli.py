@@ -113,3 +113,33 @@ def test_viz_on_the_zoo_vlm_runs_only_the_vision_path(tmp_path, capsys):
     out = tmp_path / "vlm.png"
     assert cli.main(["viz", "zoo:digits-vlm", "--method", "fastervlm", "divprune", "--keep", "64", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
+
+
+def _result(model, *rows):
+    keys = {"accuracy": None, "agreement": 1.0, "gflops": 1.0, "tokens_out": 256}
+    return {"model": model, "rows": [{**keys, **row} for row in rows]}
+
+
+def test_compare_puts_pre_and_in_llm_methods_at_one_equivalent_budget_in_one_column(tmp_path, capsys):
+    pre = _result("zoo:m", {"method": "base", "config": None, "accuracy": 0.9},
+                  {"method": "random", "config": {"keep": 64}, "accuracy": 0.8, "gflops": 0.5})
+    inside = _result("zoo:m", {"method": "base", "config": None, "accuracy": 0.9},
+                     {"method": "fastv", "config": {"keep": None, "equivalent_tokens": 64}, "accuracy": 0.7, "gflops": 0.6},
+                     {"method": "fastv", "config": {"keep": None, "equivalent_tokens": 128}, "accuracy": 0.85, "gflops": 0.7})
+    other = _result("zoo:m", {"method": "fastv", "config": {"equivalent_tokens": 64, "mode": "x"}, "agreement": 0.5})
+    paths = []
+    for name, data in (("pre", pre), ("inside", inside), ("other", other)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    assert cli.main(["compare", *map(str, paths)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| method | T_eq 128 | T_eq 64 |",
+        "|---|---|---|",
+        "| base (256 tokens) | 90.0 (1.000) | 90.0 (1.000) |",
+        "| random | - | 80.0 (0.500) |",
+        "| fastv | 85.0 (0.700) | 70.0 (0.600) |",
+        "| fastv (other) | - | 50.0 (1.000) |",  # no labels: agreement with the unreduced model
+    ]
+    (tmp_path / "elsewhere.json").write_text(json.dumps(_result("zoo:n")))
+    assert cli.main(["compare", str(paths[0]), str(tmp_path / "elsewhere.json")]) == 2
+    assert "different models ['zoo:m', 'zoo:n']" in capsys.readouterr().err

@@ -323,6 +323,51 @@ def _budget_label(config: dict[str, Any] | None) -> str:
     return "default"
 
 
+def compare_table(results: list[tuple[str, dict[str, Any]]]) -> str:
+    """One Markdown table from several ``bench --out`` results of one model: accuracy % (GFLOPs) by method and budget.
+
+    ``results``: (name, JSON) pairs. A column is a requested budget; ``keep=T`` of a
+    pre-LLM method and ``equivalent_tokens=T`` of an in-LLM one (a staged method's
+    last stage) share the column "T_eq T", since every LLM layer of the former sees
+    its T tokens (METHODS.md E4). A method measured at one budget in two results is
+    told apart by the result's name. Without labels, agreement with the unreduced
+    model stands in for accuracy.
+    """
+    models = {data["model"] for _, data in results}
+    if len(models) != 1:
+        raise ValueError(f"tokenreduce compare: the results come from different models {sorted(models)}; compare runs of one model")
+    base, cells, labels, columns = None, {}, [], []
+    for name, data in results:
+        for row in data["rows"]:
+            if row["method"] == "base":
+                base = base or row
+                continue
+            column, label = _budget_column(row["config"]), row["method"]
+            if (label, column) in cells:
+                label = f"{label} ({name})"
+            labels += [label] if label not in labels else []
+            columns += [column] if column not in columns else []
+            cells[label, column] = _score(row)
+    columns.sort(key=lambda c: (not c.startswith("T_eq"), -float(c.split()[-1])))
+    head = f"| method | {' | '.join(columns)} |\n|---{'|---' * len(columns)}|\n"
+    first = f"| base ({base['tokens_out']} tokens) | {' | '.join([_score(base)] * len(columns))} |\n" if base else ""
+    return head + first + "".join(f"| {label} | {' | '.join(cells.get((label, c), '-') for c in columns)} |\n" for label in labels)
+
+
+def _budget_column(config: dict[str, Any]) -> str:
+    stages = [value for value in config.values() if isinstance(value, dict)]
+    budget = stages[-1] if stages else config
+    for key, title in (("equivalent_tokens", "T_eq"), ("keep", "T_eq"), ("ratio", "ratio"), ("tflops", "TFLOPs")):
+        if budget.get(key) is not None:
+            return f"{title} {budget[key]}"
+    return "T_eq default"
+
+
+def _score(row: dict[str, Any]) -> str:
+    value = row["accuracy"] if row["accuracy"] is not None else row["agreement"]
+    return f"{100 * value:.1f} ({row['gflops']:.3f})"
+
+
 def plot_pareto(rows: list[Row], path: str | Path, title: str) -> None:
     """Accuracy (or agreement without labels) against GFLOPs, one series per method."""
     import matplotlib

@@ -1,4 +1,4 @@
-"""``tokenreduce`` command line: ``bench`` (measure methods side by side) and ``methods`` (what exists)."""
+"""``tokenreduce`` command line: ``bench`` (measure methods side by side), ``compare`` (several runs in one table), ``methods`` (what exists)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import ast
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     viz.add_argument("--sample", type=int, default=0, help="index of the evaluation input to draw (default: %(default)s)")
     viz.add_argument("--out", default="viz.png")
 
+    compare = commands.add_parser("compare", help="one table from several `bench --out` files: accuracy by method and budget")
+    compare.add_argument("results", nargs="+", help="JSON files written by `tokenreduce bench --out`")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "methods":
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "viz":
             return _viz(args)
+        if args.command == "compare":
+            print(bench.compare_table([(Path(path).stem, json.loads(Path(path).read_text())) for path in args.results]), end="")
+            return 0
         return _bench(args)
     except (TokenReduceError, ValueError, OSError) as error:
         print(f"tokenreduce: error: {error}", file=sys.stderr)
