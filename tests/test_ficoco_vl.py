@@ -7,6 +7,7 @@ patches, FiCoCo-L then removes 10 at each of its two cuts (decoder layers 2 and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import types
 
@@ -257,6 +258,19 @@ def test_applying_twice_is_refused(model, prompts, reference):
 def test_bad_stage_configs_are_refused(config, message):
     with pytest.raises(tr.ConfigError, match=message):
         config()
+
+
+def test_the_language_budget_is_solved_against_what_the_vision_stage_leaves(model, prompts):
+    """T_eq 64 is out of FiCoCo-L's reach on 144 tokens (cuts from layer 2 of 4) but not on the 96 FiCoCo-V leaves."""
+    config = tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(keep=96), language=tr.FiCoCoLConfig(start_layer=0, equivalent_tokens=64))
+    with tr.apply(model, config) as handle:
+        run(model, prompts, vf.pixels(3))
+        stats = handle.stats()
+    assert stats["language"]["visual_tokens_in"] == 96 and stats["equivalent_tokens"] == stats["language"]["equivalent_tokens"]
+    assert 63 <= stats["equivalent_tokens"] <= 64  # the largest schedule not above the target
+    with pytest.raises(tr.ConfigError, match=r"equivalent_tokens=20 is out of reach for this prompt \(96 visual tokens\)"):
+        with tr.apply(model, dataclasses.replace(config, language=tr.FiCoCoLConfig(start_layer=0, equivalent_tokens=20))):
+            run(model, prompts, vf.pixels(3))
 
 
 @pytest.mark.parametrize("config, message", [

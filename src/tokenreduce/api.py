@@ -114,13 +114,16 @@ def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
     return handle
 
 
-def _bind(method_cls: type[Method], config: ReductionConfig, adapter: Any, site: str) -> Method:
+def _bind(method_cls: type[Method], config: ReductionConfig, adapter: Any, site: str, downstream: bool = False) -> Method:
     """The method built from the adapter's facts at ``site``; a staged method binds each stage at its own site.
 
     Nothing is attached yet: every config error surfaces before the model is touched.
+    A ``downstream`` stage receives what an earlier stage left, so its reducible count
+    is not the adapter's: it is left to each input (``reducible_tokens=None``), where
+    the stage's budget is solved against the tokens that actually arrive.
     """
     if issubclass(method_cls, Staged):
-        return method_cls.bind(config, adapter.sites, lambda stage, stage_config, at: _bind(stage, stage_config, adapter, at))
+        return method_cls.bind(config, adapter.sites, lambda stage, stage_config, at, later: _bind(stage, stage_config, adapter, at, later))
     adapter.site = site
     positions = getattr(config, "positions", "original")
     if positions not in adapter.position_modes:
@@ -128,7 +131,10 @@ def _bind(method_cls: type[Method], config: ReductionConfig, adapter: Any, site:
             f"{type(config).__name__}: positions={positions!r} does not apply to {type(adapter.model).__name__}; "
             f"accepted here: {', '.join(sorted(adapter.position_modes))}"
         )
-    return method_cls(config, adapter.describe())
+    facts = adapter.describe()
+    if downstream:
+        facts["reducible_tokens"] = None
+    return method_cls(config, facts)
 
 
 def remove(model: nn.Module | Any) -> int:

@@ -50,7 +50,7 @@ class StagedConfig(ReductionConfig):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-BindStage = Callable[[type[Method], ReductionConfig, str], Method]
+BindStage = Callable[[type[Method], ReductionConfig, str, bool], Method]  # (stage, config, site, after another stage)
 
 
 class Staged(Method):
@@ -80,12 +80,15 @@ class Staged(Method):
 
     @classmethod
     def bind(cls, config: StagedConfig, offered: frozenset[str], bind_stage: BindStage) -> Staged:
-        """Bind every stage at its site with ``bind_stage``; a stage's ConfigError is re-raised naming the stage's field."""
+        """Bind every stage at its site with ``bind_stage``; a stage's ConfigError is re-raised naming the stage's field.
+
+        Every stage but the first is bound as downstream: it gets what the stages before it left.
+        """
         bound = {}
-        for name, stage in cls.stages.items():
+        for index, (name, stage) in enumerate(cls.stages.items()):
             site = stage.pick_site(offered)
             try:
-                bound[name] = (site, bind_stage(stage, getattr(config, name), site))
+                bound[name] = (site, bind_stage(stage, getattr(config, name), site, index > 0))
             except ConfigError as error:
                 raise ConfigError(f"{type(config).__name__}.{name}: {error}") from error
         return cls(config, bound)

@@ -11,8 +11,8 @@ Budget: each stage takes its own explicit settings; the defaults are each card's
 (METHODS.md C6.2: V r = 42 per layer from the second half of the tower, L r = 14
 per layer after decoder layer 4). The paper's per-TFLOPs V/L split is undocumented
 (C6.5, issue #7) and no FLOPs-target solver splits a budget here. FiCoCo-L's
-budget is checked against the full image's token count at ``apply`` and against
-the count FiCoCo-V leaves when a prompt runs.
+budget (``equivalent_tokens`` included) is solved against the count FiCoCo-V
+leaves, when each prompt runs; the vision stage's budget is checked at ``apply``.
 
 ``stats()`` holds each stage's report under its name (``vision``: tower and
 placeholder counts, ``visual_slots``; ``language``: visual tokens and sequence
