@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..merge_slot import OVERHEAD_LABEL
 from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, visible_keys, visual_per_layer
 from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
@@ -299,7 +300,8 @@ class DecoderRun:
             row_probe=lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask),
         )
         count = n - int(run.visual[0].sum()) + run.cuts[layer]
-        choice = self.method.select(site)
+        with torch.profiler.record_function(OVERHEAD_LABEL):
+            choice = self.method.select(site)
         if isinstance(choice, TokenPlan):
             keep = choice.keep
             _check_plan(choice, run.visual, count)
@@ -359,7 +361,8 @@ class DecoderRun:
                 input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
                 rope=lambda: run.rope[layer],
             )
-            run.observed[layer] = self.method.observe_attention(layer, attention)
+            with torch.profiler.record_function(OVERHEAD_LABEL):
+                run.observed[layer] = self.method.observe_attention(layer, attention)
 
         return observe
 
