@@ -47,9 +47,12 @@ What is measured, and how
    on the top model time every forward call that ``generate`` makes; the one on the
    whole prompt is the prefill, every call on one new token is a decode step.
    Decode tokens/s = decode steps / their summed forward time (the model's work on
-   the cache the prefill left); the *wall* figure, (new tokens - 1) / (generate wall
-   - prefill call), adds ``generate``'s own per-step work (logits processing,
-   stopping criteria, cache bookkeeping). A reduced cache makes each step's
+   the cache the prefill left); the *wall* figure, decode steps / (end of
+   ``generate`` - end of its prefill call), adds ``generate``'s own per-step work
+   (logits processing, stopping criteria, cache bookkeeping). It is not generate's
+   wall time minus the prefill call: transformers 5 runs the vision tower in
+   ``generate``'s preparation (``_prepare_multimodal_encoder_kwargs_for_generation``),
+   before and outside the model call on the prompt. A reduced cache makes each step's
    attention shorter, but a step on a 0.5 B model at batch 1 is dominated by
    reading the weights, so expect a small gain. Also reported: the KV-cache bytes
    after the prefill (``stats()["kv_cache_bytes"]``; for the unreduced model from the
@@ -204,10 +207,12 @@ class StepTimer:
 
     ``generate`` calls the model once per new token; the first call sees the prompt,
     every later one the single token just generated, on the growing cache.
+    ``prefill_end`` is the clock when each prefill call returned: decode starts there.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.prefill: list[float] = []
+        self.prefill_end: list[float] = []
         self.steps: list[list[float]] = []
         self._start = 0.0
         self._length = 0
@@ -219,9 +224,11 @@ class StepTimer:
         self._start = time.perf_counter()
 
     def _post(self, _module: nn.Module, _args: tuple, _output: Any) -> None:
-        elapsed = time.perf_counter() - self._start
+        end = time.perf_counter()
+        elapsed = end - self._start
         if self._length > 1:
             self.prefill.append(elapsed)
+            self.prefill_end.append(end)
             self.steps.append([])
         else:
             self.steps[-1].append(elapsed)
@@ -231,17 +238,17 @@ class StepTimer:
             handle.remove()
 
 
-def decode_figures(timer: StepTimer, timing: Timing, repeats: int) -> dict[str, Any]:
-    """Per-generate decode figures over the timed (last ``repeats``) generations: medians of tokens/s and ms/step."""
+def decode_figures(timer: StepTimer, timing: Timing, ends: list[float], repeats: int) -> dict[str, Any]:
+    """Per-generate decode figures over the timed (last ``repeats``) generations; ``ends``: the clock when each generate returned."""
     prefill, steps = timer.prefill[-repeats:], timer.steps[-repeats:]
     model_rate = [len(s) / sum(s) for s in steps]
-    wall_rate = [len(s) / (total - p) for s, total, p in zip(steps, timing.times, prefill)]
+    wall_rate = [len(s) / (end - start) for s, end, start in zip(steps, ends[-repeats:], timer.prefill_end[-repeats:])]
     return {
         "steps": [len(s) for s in steps],
         "tokens_per_s": statistics.median(model_rate),
         "wall_tokens_per_s": statistics.median(wall_rate),
         "ms_per_step": 1e3 * statistics.median(statistics.median(s) for s in steps),
-        "prefill_in_generate_ms": 1e3 * statistics.median(prefill),
+        "llm_prefill_in_generate_ms": 1e3 * statistics.median(prefill),
         "generate_s": list(timing.times),
     }
 
@@ -305,11 +312,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return lambda: m(**inputs, logits_to_keep=1)
 
     lengths: dict[str, int] = {}
+    ends: dict[str, list[float]] = {name: [] for name in models}
 
     def generate(name: str) -> Callable[[], None]:
         def call() -> None:
             out = models[name].generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                                         use_cache=True)
+            ends[name].append(time.perf_counter())
             lengths[name] = int(out.shape[1])
 
         return call
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"timing generate() of {args.new_tokens} tokens: warmup={args.warmup}, repeats={args.decode_repeats}")
         step_timers = {name: StepTimer(models[name]) for name in names}
         generations = time_interleaved({name: generate(name) for name in names}, warmup=args.warmup, repeats=args.decode_repeats)
-        decode = {name: {**decode_figures(step_timers[name], generations[name], args.decode_repeats), "output_length": lengths[name]}
+        decode = {name: {**decode_figures(step_timers[name], generations[name], ends[name], args.decode_repeats), "output_length": lengths[name]}
                   for name in names}
         for timer in step_timers.values():
             timer.remove()
@@ -481,7 +490,7 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
               f"{results['decode'][r['name']]['ms_per_step']:.1f}", f"{r['decode_speedup']:.3f}", f"{r['decode_wall_tokens_per_s']:.2f}",
               f"{r['kv_cache_bytes'] / 2**20:.2f}", f"{r['kv_fraction']:.3f}"] for r in rows]
     print(format_table(head, table))
-    print("  tok/s (model) = decode steps / their forward time; (wall) = (new tokens - 1) / (generate wall - its prefill call)")
+    print("  tok/s (model) = decode steps / their forward time; (wall) = decode steps / (end of generate - end of its prefill call)")
 
 
 def optional_ms(value: float | None) -> str:
