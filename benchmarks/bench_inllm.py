@@ -182,13 +182,16 @@ def range_ms(prof: Any, label: str, calls: int, within: str | None = None) -> fl
     return total / calls
 
 
-def profile_overhead(fn: Callable[[], Any], calls: int, handle: tr.Handle | None, visual: int) -> dict[str, Any]:
-    """Scoring / selection (``tokenreduce.reduce``), P2 probe and slicing ms per prefill, from ``calls`` profiled prefills."""
-    ranges = 0
-    if handle is not None:
-        ranges = len(handle.method.observe_layers()) + sum(1 for _, keep in handle.method.cuts(visual) if keep < visual)
+def profile_overhead(fn: Callable[[], Any], calls: int) -> dict[str, Any]:
+    """Scoring / selection (``tokenreduce.reduce``), P2 probe and slicing ms per prefill, from ``calls`` profiled prefills.
+
+    Every prefill runs the same sequence of ranges (one per scored layer, one per
+    cut), so their count per prefill gives ``analyse_overhead`` the slots for its
+    per-slot fastest-of-the-calls estimate without asking the method for its schedule.
+    """
     with instrumented() as found:
         prof, wall = profile_calls(fn, calls)
+    ranges = sum(1 for event in prof.events() if event.name == OVERHEAD_LABEL) // calls
     overhead = analyse_overhead(prof, calls, [1] * ranges or None)
     result: dict[str, Any] = {key: overhead[key] for key in ("reduce_ms", "reduce_ranges_per_forward", "reduce_min_over_forwards_ms",
                                                               "inside_ms", "self_ms")}
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # ------------------------------------------------------------ 3. overhead (profiler)
         log(f"profiling {args.profile_forwards} prefills per candidate")
-        profiles = {name: profile_overhead(fns[name], args.profile_forwards, handles.get(name), shape.patches) for name in names}
+        profiles = {name: profile_overhead(fns[name], args.profile_forwards) for name in names}
 
         # ------------------------------------------------------------ 4. decode: generate(), interleaved, per-call timers
         log(f"timing generate() of {args.new_tokens} tokens: warmup={args.warmup}, repeats={args.decode_repeats}")
