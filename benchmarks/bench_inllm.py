@@ -391,14 +391,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def candidate_schedule(handle: tr.Handle | None, shape: Shape, prompt: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Tokens per layer, equivalent tokens and KV bytes after the prefill: the method's stats, or the full prompt for the base."""
+    """Tokens per layer, equivalent tokens, KV bytes after the prefill and the decoder FLOPs the method's stats report.
+
+    For the base, the full prompt at every layer; it has no stats, hence no reported FLOPs.
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     if handle is None:
         sequence = [prompt] * shape.layers
         return {"visual_tokens_per_layer": [shape.patches] * shape.layers, "sequence_per_layer": sequence,
-                "equivalent_tokens": float(shape.patches), "kv_cache_bytes": kv_bytes(sequence, shape, itemsize)}
+                "equivalent_tokens": float(shape.patches), "kv_cache_bytes": kv_bytes(sequence, shape, itemsize),
+                "prefill_flops": None}
     stats = handle.stats()
-    return {key: stats[key] for key in ("visual_tokens_per_layer", "sequence_per_layer", "equivalent_tokens", "kv_cache_bytes")}
+    return {key: stats[key] for key in ("visual_tokens_per_layer", "sequence_per_layer", "equivalent_tokens", "kv_cache_bytes",
+                                        "prefill_flops")}
 
 
 def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Timing], profiles: dict[str, Any],

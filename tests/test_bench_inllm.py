@@ -88,6 +88,8 @@ def test_flops_follow_the_schedule(results):
         # what the schedule does not explain is the method's own scoring: positive, and small next to the LLM
         assert 0 < f["llm_residual"] < 0.05 * f["counted"]["llm"]
         assert rows[name]["ideal_speedup"] > 1.0
+        # the decoder FLOPs stats() reports are the same per-layer formula on the same schedule
+        assert results["schedule"][name]["prefill_flops"] == f["schedule_llm"]
     # PDrop's P2 probe projects the keys of every token at each of its cuts; FastV scores one row at one layer
     assert flops[PDROP]["llm_residual"] > flops[FASTV]["llm_residual"]
 
