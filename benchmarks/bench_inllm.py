@@ -22,7 +22,8 @@ What is measured, and how
    projector, LLM, LM head. The LLM is counted as it ran, i.e. each layer on its own
    sequence length. Two cross-checks: ``bench_vlm_prefill``'s per-layer formula on
    the tokens hooks saw entering every attention and MLP, and the same formula fed
-   with the schedule the method reports (``stats()["sequence_per_layer"]``); the
+   with the schedule the method reports (``stats()["sequence_per_layer"]``; the
+   result is also what ``stats()["prefill_flops"]`` reports, checked by the test); the
    LLM residual against the schedule is the method's own matrix products (FastV's
    last-row scores, PyramidDrop's probe P2: the cut layer's k projection of every
    token and q of the last one). FLOPs-ideal speed-up = base / reduced FLOPs.
@@ -61,7 +62,7 @@ What is measured, and how
 
 Run (from the repository root, in the project's venv)::
 
-    python benchmarks/bench_inllm.py                          # FastV + PDrop, 2 threads: ~6 min idle (3 GB RAM)
+    python benchmarks/bench_inllm.py                          # FastV + PDrop: ~3-4 min on an idle 2-core CPU
     python benchmarks/bench_inllm.py --threads 1 --repeats 10 --out inllm.json
     python benchmarks/bench_inllm.py --methods fastv:layer=3,ratio=0.5 pdrop:lam=0.6
     python benchmarks/bench_inllm.py --quick                  # tiny shapes, smoke test, seconds
