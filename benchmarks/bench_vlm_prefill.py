@@ -266,6 +266,7 @@ def count_candidate(name: str, model: LlavaForConditionalGeneration, fn: Callabl
         "sequence": lrec.attn[0],
         "vision_attn_tokens": vrec.attn,
         "vision_mlp_tokens": vrec.mlp,
+        "llm_attn_tokens": lrec.attn,
     }
 
 

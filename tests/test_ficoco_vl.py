@@ -15,7 +15,8 @@ import pytest
 import qwen_vl_fixtures as qf
 import torch
 import vlm_fixtures as vf
-from test_inllm_contract import LAYERS, TEXTS, assert_detached, deep_llava, record_selection, replay_selection
+import llava_next_fixtures as nf
+from test_inllm_contract import LAYERS, TEXTS, assert_detached, deep_llava, next_batch, record_selection, replay_selection
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.clip.modeling_clip import CLIPAttention
 
@@ -297,3 +298,22 @@ def test_a_visual_report_for_another_length_than_the_decoder_gets_is_refused(mod
             with torch.no_grad():
                 model.model.language_model(input_ids=short)
     restored(model, prompts, reference)
+
+
+def test_on_llava_next_zero_is_bit_exact_and_a_batch_of_different_crop_grids_equals_its_samples():
+    """AnyRes: FiCoCo-V reduces every view, so each sample reaches the decoder with its own count (a ragged batch)."""
+    vlm = next_batch(nf.llava_next(layers=LAYERS))
+    with tr.apply(vlm.model, ZERO):
+        logits, tokens = vlm.run()
+    assert torch.equal(logits, vlm.reference[0]) and torch.equal(tokens, vlm.reference[1])
+    active = tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(ratio=0.5), language=tr.FiCoCoLConfig(start_layer=0, r=10))
+    with tr.apply(vlm.model, active) as handle:
+        batch_logits, batch_tokens = vlm.run()
+        counts = handle.stats()["language"]["visual_tokens_in"]
+        for i in range(len(vlm.prompts)):
+            logits, tokens = vlm.run(samples=[i])
+            assert torch.equal(tokens[0], batch_tokens[i])
+            torch.testing.assert_close(logits[0, -1], batch_logits[i, -1], rtol=1e-4, atol=1e-5)
+    assert len(set(counts)) == 3 and all(n < stock for n, stock in zip(counts, vlm.visual))
+    assert_detached(vlm.model)
+    assert torch.equal(vlm.run()[0], vlm.reference[0])

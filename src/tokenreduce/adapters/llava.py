@@ -49,6 +49,7 @@ and the placeholder runs are shortened per image.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from collections.abc import Iterator
@@ -424,6 +425,7 @@ def attach_language_model(inner: nn.Module, method: DecoderMethod, *token_ids: i
     undo, decoder = attach_decoder(inner.language_model, method)
     forward = inner.forward
 
+    @functools.wraps(forward)  # keeps the signature, which a vision stage's shrinker binds the call's arguments to
     def reporting(*args: Any, **kwargs: Any) -> Any:
         decoder.expect_visual(_placeholders(args, kwargs, token_ids))
         return forward(*args, **kwargs)
