@@ -115,6 +115,14 @@ def test_viz_on_the_zoo_vlm_runs_only_the_vision_path(tmp_path, capsys):
     assert out.stat().st_size > 1000
 
 
+def test_viz_refuses_methods_that_act_after_the_patch_grid_is_gone(tmp_path, capsys):
+    out = tmp_path / "vlm.png"
+    for method in ("fastv", "ficoco_vl"):
+        assert cli.main(["viz", "zoo:digits-vlm", "--method", method, "--keep", "16", "--out", str(out)]) == 2
+        assert f"{method} reduce(s) inside the language model" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _result(model, *rows):
     keys = {"accuracy": None, "agreement": 1.0, "gflops": 1.0, "tokens_out": 256}
     return {"model": model, "rows": [{**keys, **row} for row in rows]}

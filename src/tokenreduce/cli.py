@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import bench, registry
-from .errors import TokenReduceError
+from .errors import ConfigError, TokenReduceError
 
 DEFAULT_MODEL = "zoo:digits-vit"
 SWEEP_RATIOS = [0.25, 0.5, 0.75]
@@ -153,7 +153,14 @@ def _viz(args: argparse.Namespace) -> int:
     from . import api, viz
 
     target = bench.load_target(args.model, samples=args.sample + 1)
-    methods = api.supported(target.model) if args.method == ["all"] else args.method
+    drawable = [m for m in api.supported(target.model) if _keeps_patches(m)]
+    methods = drawable if args.method == ["all"] else args.method
+    refused = [m for m in methods if m in api.list_methods() and not _keeps_patches(m)]
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)} reduce(s) inside the language model (or in stages), after the patch grid is gone, so there "
+            f"is nothing to draw; methods viz draws on this model: {', '.join(drawable)}"
+        )
     budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
     inputs = target.inputs[args.sample : args.sample + 1]
     pixels = target.pixels(inputs)
@@ -161,7 +168,14 @@ def _viz(args: argparse.Namespace) -> int:
     panels = [("input", image)]
     for name in methods:
         config = registry.config_class(name)(**budget, **_parse_sets(args.set))
-        with torch.inference_mode(), api.apply(target.model, config) as handle:
+        try:
+            handle = api.apply(target.model, config)
+        except ConfigError as error:
+            if args.method != ["all"]:
+                raise
+            print(f"skipped: {error}")  # as bench does: one budget out of a method's reach does not stop the others
+            continue
+        with torch.inference_mode(), handle:
             encode = getattr(handle.adapter, "encode_images", None)
             encode(pixels) if encode is not None else target.logits(target.model, inputs)
             alive = handle.surviving_patches()
@@ -172,6 +186,12 @@ def _viz(args: argparse.Namespace) -> int:
     viz.save_panels(panels, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _keeps_patches(method: str) -> bool:
+    """Whether a method's reduction leaves a patch grid to draw: one acting before the LLM, in a single stage."""
+    method_cls = registry.method_for_class(registry.config_class(method))
+    return "llm" not in method_cls.sites and bench.takes_budget(method)
 
 
 def _progress(total: int, disable: bool):
