@@ -66,9 +66,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -81,6 +81,7 @@ import tokenreduce as tr
 import transformers
 from tokenreduce import registry
 from tokenreduce.bench import shared_copy
+from tokenreduce.config import ReductionConfig
 from tokenreduce.measure import (
     ModuleTimer, Timing, analyse_overhead, count_flops, parallel_op_probe, profile_calls, speedup,
     time_interleaved, transformer_block_flops,
@@ -88,7 +89,7 @@ from tokenreduce.measure import (
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from common import format_table, log, report_contention
+from common import format_table, log, report_contention, write_results
 
 TARGET_EFFICIENCY = 0.9
 TARGET_OVERHEAD_PCT = 3.0
@@ -330,10 +331,30 @@ def cand_name(method: str, keep: int, several: bool) -> str:
     return f"{method}@{keep}" if several else method
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    shape = QUICK if args.quick else FULL
-    dtype = getattr(torch, args.dtype)
+# --------------------------------------------------------------------------- run steps (bench_inllm runs them too)
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's model, its parameter counts and prompt, and the environment record that ``finish_run`` completes."""
+
+    model: LlavaForConditionalGeneration
+    params: dict[str, int]
+    inputs: dict[str, torch.Tensor]
+    env: dict[str, Any]
+    probes: list[dict[str, Any]]
+    t_start: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+def start_run(args: argparse.Namespace, shape: Shape, dtype: torch.dtype) -> Run:
+    """Set the threads, record the environment and the first parallel-op probe, then build the model and the prompt.
+
+    ``args`` needs ``threads``, ``quick``, ``dtype``, ``seed`` and ``text_tokens``.
+    """
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     env: dict[str, Any] = {
@@ -347,54 +368,127 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(shape, dtype, args.seed)
     params = parameter_counts(model)
     inputs = make_inputs(shape, args.text_tokens, dtype, args.seed)
-    log(f"{params['total'] / 1e6:.1f} M parameters; prompt of {inputs['input_ids'].shape[1]} tokens "
-        f"({shape.patches} image placeholders); threads={torch.get_num_threads()}")
+    return Run(model=model, params=params, inputs=inputs, env=env, probes=probes, t_start=t_start)
 
+
+def finish_run(run: Run, threads: int, handles: dict[str, tr.Handle]) -> None:
+    """Complete ``run.env`` (second parallel-op probe, load average at the end, run time), then remove the methods."""
+    run.probes.append(parallel_op_probe(threads))
+    run.env.update(loadavg_end=os.getloadavg(), parallel_op_probe=run.probes, run_seconds=time.perf_counter() - run.t_start)
+    for handle in handles.values():
+        handle.remove()
+
+
+def failure(stage: str, exc: Exception) -> str:
+    """Why a candidate is skipped, in one line: ``stage: ExceptionType: the message's first line``."""
+    return f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def apply_candidates(model: nn.Module, configs: list[tuple[str, Callable[[], ReductionConfig]]]
+                     ) -> tuple[dict[str, nn.Module], dict[str, tr.Handle], dict[str, str]]:
+    """The unreduced model as ``BASE`` and, per (name, config maker), the config applied to a weight-sharing copy.
+
+    A config that cannot be made or applied is reported, not fatal. Returns (models, handles, skipped: name -> why).
+    """
     models: dict[str, nn.Module] = {BASE: model}
     handles: dict[str, tr.Handle] = {}
     skipped: dict[str, str] = {}
-    several = len(args.keep) > 1
-    for keep in args.keep:
-        for method in args.methods:
-            name = cand_name(method, keep, several)
-            copy_ = shared_copy(model)
-            try:
-                handles[name] = tr.apply(copy_, registry.config_class(method)(keep=keep))
-            except Exception as exc:  # noqa: BLE001  (a method that cannot be applied is reported, not fatal)
-                skipped[name] = f"apply: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                continue
-            models[name] = copy_
+    for name, make_config in configs:
+        copy_ = shared_copy(model)
+        try:
+            handles[name] = tr.apply(copy_, make_config())
+        except Exception as exc:  # noqa: BLE001  (a method that cannot be applied is reported, not fatal)
+            skipped[name] = failure("apply", exc)
+            continue
+        models[name] = copy_
+    return models, handles, skipped
+
+
+def prefill_calls(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    """One prefill per candidate: the whole prompt, the LM head on the last position only (as ``generate``'s first step)."""
 
     def prefill(m: nn.Module) -> Callable[[], Any]:
         return lambda: m(**inputs, logits_to_keep=1)
 
-    fns = {name: prefill(m) for name, m in models.items()}
+    return {name: prefill(m) for name, m in models.items()}
+
+
+def count_candidates(shape: Shape, models: dict[str, nn.Module], fns: dict[str, Callable[[], Any]],
+                     handles: dict[str, tr.Handle], skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``count_candidate`` for every candidate in turn (the counted prefill is each one's first warm-up).
+
+    A candidate whose prefill fails is recorded in ``skipped``, its method removed and it is
+    dropped from ``models``, ``fns`` and ``handles``; a failing unreduced model is raised.
+    """
+    log("counting FLOPs (one prefill per candidate)")
+    flops: dict[str, dict[str, Any]] = {}
+    for name in list(models):
+        try:
+            flops[name] = count_candidate(name, models[name], fns[name], shape, handles.get(name))
+        except Exception as exc:  # noqa: BLE001  (a method that fails on this model is reported, not fatal)
+            skipped[name] = failure("prefill", exc)
+            if name == BASE:
+                raise
+            handles.pop(name).remove()
+            del models[name], fns[name]
+    return flops
+
+
+def time_components(models: dict[str, nn.Module], fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+                    ) -> tuple[dict[str, Timing], dict[str, dict[str, float]]]:
+    """The prefills timed interleaved, each split by ``ModuleTimer`` hooks into its components.
+
+    Returns (timings, parts): parts[name] is the median seconds per component over the timed
+    calls, plus "other", the prefill minus the components.
+    """
+    timers = {name: ModuleTimer(components(models[name])) for name in models}
+    timings = time_interleaved(fns, warmup=warmup, repeats=repeats)
+    parts: dict[str, dict[str, float]] = {}
+    for name in models:
+        timed = timers[name].last(repeats)
+        timers[name].remove()
+        part = {c: statistics.median(f[c] for f in timed) for c in COMPONENTS}
+        part["other"] = statistics.median(t - sum(f.values()) for t, f in zip(timings[name].times, timed))
+        parts[name] = part
+    return timings, parts
+
+
+def run_record(args: argparse.Namespace, shape: Shape, run: Run, skipped: dict[str, str]) -> dict[str, Any]:
+    """The results' first entries: the config, the environment, the shape, parameter counts, prompt length, skipped candidates."""
+    return {"config": vars(args), "env": run.env, "shape": dataclasses.asdict(shape), "parameters": run.params,
+            "prompt_tokens": run.prompt_tokens, "skipped": skipped}
+
+
+def timing_record(timings: dict[str, Timing]) -> dict[str, dict[str, Any]]:
+    """Each candidate's timed prefills (s), with their median and minimum, for the results."""
+    return {n: {"times_s": list(t.times), "median_s": t.median, "min_s": t.min} for n, t in timings.items()}
+
+
+def keep_config(method: str, keep: int) -> ReductionConfig:
+    """The registered method's config at ``keep`` visual tokens."""
+    return registry.config_class(method)(keep=keep)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    dtype = getattr(torch, args.dtype)
+    run = start_run(args, shape, dtype)
+    log(f"{run.params['total'] / 1e6:.1f} M parameters; prompt of {run.prompt_tokens} tokens "
+        f"({shape.patches} image placeholders); threads={torch.get_num_threads()}")
+
+    several = len(args.keep) > 1
+    models, handles, skipped = apply_candidates(run.model, [
+        (cand_name(method, keep, several), functools.partial(keep_config, method, keep)) for keep in args.keep for method in args.methods])
+    fns = prefill_calls(models, run.inputs)
     with torch.inference_mode():
         # ------------------------------------------------------------ 1. FLOPs (the counted prefill is the first warm-up)
-        log("counting FLOPs (one prefill per candidate)")
-        flops: dict[str, dict[str, Any]] = {}
-        for name in list(models):
-            try:
-                flops[name] = count_candidate(name, models[name], fns[name], shape, handles.get(name))
-            except Exception as exc:  # noqa: BLE001  (a method that fails on this model is reported, not fatal)
-                skipped[name] = f"prefill: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                if name == BASE:
-                    raise
-                handles.pop(name).remove()
-                del models[name], fns[name]
+        flops = count_candidates(shape, models, fns, handles, skipped)
         names = list(models)
 
         # ------------------------------------------------------------ 2. latency, interleaved, with component timers
         log(f"timing {names} interleaved: warmup={args.warmup}, repeats={args.repeats}")
-        timers = {name: ModuleTimer(components(models[name])) for name in names}
-        timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-        parts: dict[str, dict[str, float]] = {}
-        for name in names:
-            timed = timers[name].last(args.repeats)
-            timers[name].remove()
-            part = {c: statistics.median(f[c] for f in timed) for c in COMPONENTS}
-            part["other"] = statistics.median(t - sum(f.values()) for t, f in zip(timings[name].times, timed))
-            parts[name] = part
+        timings, parts = time_components(models, fns, args.warmup, args.repeats)
 
         # ------------------------------------------------------------ 3. overhead and op breakdown (profiler)
         log(f"profiling {args.profile_forwards} prefills per candidate")
@@ -409,22 +503,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             profiles[name] = {**p, "shrink_ms": shrink if undo is not None else None, "wall_s_per_forward": wall / args.profile_forwards}
             del prof
 
-    probes.append(parallel_op_probe(args.threads))
-    env.update(loadavg_end=os.getloadavg(), parallel_op_probe=probes, run_seconds=time.perf_counter() - t_start)
-    for handle in handles.values():
-        handle.remove()
+    finish_run(run, args.threads, handles)
 
     rows = summary_rows(names, flops, timings, profiles, parts)
-    results = {"config": vars(args), "env": env, "shape": dataclasses.asdict(shape), "parameters": params,
-               "prompt_tokens": int(inputs["input_ids"].shape[1]), "skipped": skipped, "flops": flops, "summary": rows,
-               "timing": {n: {"times_s": list(t.times), "median_s": t.median, "min_s": t.min} for n, t in timings.items()},
-               "components_s": parts,
-               "profiles": {n: {k: v for k, v in p.items() if k != "table"} for n, p in profiles.items()}}
+    results = {**run_record(args, shape, run, skipped), "flops": flops, "summary": rows, "timing": timing_record(timings),
+               "components_s": parts, "profiles": {n: {k: v for k, v in p.items() if k != "table"} for n, p in profiles.items()}}
     print_report(args, shape, results, timings)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        print(f"\nwrote {args.out}")
+    write_results(args.out, results)
     return results
 
 
