@@ -93,14 +93,14 @@ import tokenreduce as tr
 from tokenreduce import registry
 from tokenreduce.adapters import decoder as decoder_adapter
 from tokenreduce.config import ReductionConfig
-from tokenreduce.measure import Timing, analyse_overhead, profile_calls, speedup, time_interleaved, transformer_block_flops
+from tokenreduce.measure import Timing, analyse_overhead, profile_calls, time_interleaved, transformer_block_flops
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 
 from bench_vlm_prefill import (
-    BASE, FULL, QUICK, Shape, apply_candidates, count_candidates, finish_run, gf, prefill_calls, predicted_parts, run_record,
-    start_run, time_components, timing_record,
+    BASE, FULL, QUICK, Shape, apply_candidates, count_candidates, finish_run, gf, prefill_calls, print_run, run_record,
+    speed_columns, start_run, time_components, timing_record,
 )
-from common import format_table, log, report_contention, write_results
+from common import format_table, log, write_results
 
 TARGET_EFFICIENCY = 0.85
 TARGET_OVERHEAD_PCT = 3.0
@@ -357,21 +357,16 @@ def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Tim
     The LLM columns isolate what an in-LLM method can change: the vision tower runs in
     full for every candidate, so the whole-prefill ideal is bounded by its share.
     """
-    base_flops, base_t = flops[BASE]["total"], timings[BASE]
+    base_t = timings[BASE]
     base_kv, base_rate = schedule[BASE]["kv_cache_bytes"], decode[BASE]["tokens_per_s"]
     rows = []
     for name in names:
-        ideal = base_flops / flops[name]["total"]
-        measured = speedup(base_t, timings[name])
-        weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
+        speed = speed_columns(name, flops, timings, parts)
         p = profiles[name]
         overhead_pct = 100 * p["total_ms"] / 1e3 / base_t.median
         rows.append({
             "name": name, "equivalent_tokens": schedule[name]["equivalent_tokens"], "gflops": flops[name]["total"] / 1e9,
-            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, "ideal_speedup": ideal,
-            "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
-            "measured_speedup": measured, "efficiency": measured / ideal,
-            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted,
+            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, **speed,
             "llm_ideal_speedup": flops[BASE]["counted"]["llm"] / flops[name]["counted"]["llm"],
             "llm_measured_speedup": parts[BASE]["llm"] / parts[name]["llm"],
             "scoring_ms": p["reduce_ms"], "probe_ms": p["probe_ms"], "slicing_ms": p["slicing_ms"],
@@ -379,7 +374,7 @@ def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Tim
             "kv_cache_bytes": schedule[name]["kv_cache_bytes"], "kv_fraction": schedule[name]["kv_cache_bytes"] / base_kv,
             "decode_tokens_per_s": decode[name]["tokens_per_s"], "decode_wall_tokens_per_s": decode[name]["wall_tokens_per_s"],
             "decode_speedup": decode[name]["tokens_per_s"] / base_rate,
-            "meets_efficiency": None if name == BASE else measured / ideal >= TARGET_EFFICIENCY,
+            "meets_efficiency": None if name == BASE else speed["efficiency"] >= TARGET_EFFICIENCY,
             "meets_overhead": None if name == BASE else overhead_pct <= TARGET_OVERHEAD_PCT,
         })
     return rows
@@ -396,13 +391,7 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
     print(f"vision: CLIP {shape.vision_layers} x {shape.vision_dim}, {params['vision'] / 1e6:.1f} M params; LLM: Qwen2 {shape.layers} "
           f"layers x {shape.dim} (SwiGLU {shape.mlp}, {shape.heads} heads / {shape.kv_heads} KV), {params['llm'] / 1e6:.1f} M params; "
           f"total {params['total'] / 1e6:.1f} M")
-    print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
-          + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
-          + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}, "
-          f"decode repeats {args.decode_repeats} x {args.new_tokens} tokens")
-    report_contention(env["parallel_op_probe"])
-    for name, why in results["skipped"].items():
-        print(f"SKIPPED {name}: {why}")
+    print_run(args, results, f", decode repeats {args.decode_repeats} x {args.new_tokens} tokens")
 
     print(f"\n-- Prefill (FLOPs = 2 x MACs, counted; speed-ups from medians; overhead = scoring + selection ('{OVERHEAD_LABEL}' "
           "ranges, P2 probe included) + slicing, as % of the unreduced median prefill)")

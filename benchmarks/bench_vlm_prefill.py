@@ -522,31 +522,39 @@ def predicted_parts(flops: dict[str, Any], parts: dict[str, dict[str, float]], n
     return pred
 
 
+def speed_columns(name: str, flops: dict[str, Any], timings: dict[str, Timing], parts: dict[str, dict[str, float]]
+                  ) -> dict[str, float]:
+    """A candidate's prefill speed against the unreduced model's: FLOPs-ideal and measured (medians) speed-ups, their
+    ratio, median and min ms, and the component-weighted ideal (each component at its unreduced FLOP rate)."""
+    ideal = flops[BASE]["total"] / flops[name]["total"]
+    measured = speedup(timings[BASE], timings[name])
+    weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
+    return {"ideal_speedup": ideal, "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
+            "measured_speedup": measured, "efficiency": measured / ideal,
+            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted}
+
+
 def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Timing], profiles: dict[str, Any],
                  parts: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """One row per candidate. Besides the FLOPs-ideal speed-up, a *component-weighted* ideal: the prefill time if
     every component kept the unreduced model's FLOP rate. The two differ when the components run at different
     FLOP rates (the part that shrinks, the LLM, may be the faster one); measured / component-weighted ideal is the
     share of the shortfall that reduced models themselves lose (smaller matmuls, overhead)."""
-    base_flops, base_t = flops[BASE]["total"], timings[BASE]
+    base_t = timings[BASE]
     rows = []
     for name in names:
-        ideal = base_flops / flops[name]["total"]
-        measured = speedup(base_t, timings[name])
-        weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
+        speed = speed_columns(name, flops, timings, parts)
+        ideal = speed["ideal_speedup"]
         p = profiles[name]
         rows.append({
             "name": name, "visual_tokens": flops[name]["visual_tokens"], "sequence": flops[name]["sequence"],
             "gflops": flops[name]["total"] / 1e9, "gflops_vision": flops[name]["counted"]["vision"] / 1e9,
-            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, "ideal_speedup": ideal,
-            "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
-            "measured_speedup": measured, "efficiency": measured / ideal,
-            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted,
+            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, **speed,
             "measured_speedup_min": base_t.min / timings[name].min, "efficiency_min": base_t.min / timings[name].min / ideal,
             "overhead_ms": p["reduce_ms"], "overhead_pct_of_base": 100 * p["reduce_ms"] / 1e3 / base_t.median,
             "overhead_min_ms": p["reduce_min_over_forwards_ms"],
             "shrink_ms": p["shrink_ms"],
-            "meets_efficiency": None if name == BASE else measured / ideal >= TARGET_EFFICIENCY,
+            "meets_efficiency": None if name == BASE else speed["efficiency"] >= TARGET_EFFICIENCY,
             "meets_overhead": None if name == BASE else 100 * p["reduce_ms"] / 1e3 / base_t.median <= TARGET_OVERHEAD_PCT,
         })
     return rows
@@ -565,12 +573,7 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
     print(f"projector: 2-layer GELU {shape.vision_dim}->{shape.dim}->{shape.dim}; {params['projector'] / 1e6:.2f} M params")
     print(f"LLM: Qwen2 {shape.layers} layers x {shape.dim} (SwiGLU {shape.mlp}, {shape.heads} heads / {shape.kv_heads} KV), "
           f"vocab {shape.vocab}, tied; {params['llm'] / 1e6:.1f} M params;  total {params['total'] / 1e6:.1f} M")
-    print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
-          + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
-          + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}")
-    report_contention(env["parallel_op_probe"])
-    for name, why in results["skipped"].items():
-        print(f"SKIPPED {name}: {why}")
+    print_run(args, results)
 
     print(f"\n-- Summary (FLOPs = 2 x MACs, counted; speed-ups from medians; overhead = '{OVERHEAD_LABEL}' range as % of the "
           f"unreduced median prefill)")
@@ -635,6 +638,18 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
             top = sorted(inside.items(), key=lambda kv: -kv[1])[:6]
             print(f"  {name}: range {results['profiles'][name]['reduce_ms']:.2f} ms, glue (range self) "
                   f"{results['profiles'][name]['reduce_self_ms']:.2f} ms; " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+
+
+def print_run(args: argparse.Namespace, results: dict[str, Any], repeats_more: str = "") -> None:
+    """The report's run lines: versions, load average, run time, repetitions (then ``repeats_more``), the parallel-op
+    probe with its contention warning, and the skipped candidates."""
+    env = results["env"]
+    print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
+          + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
+          + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}{repeats_more}")
+    report_contention(env["parallel_op_probe"])
+    for name, why in results["skipped"].items():
+        print(f"SKIPPED {name}: {why}")
 
 
 def gf(value: float) -> str:
