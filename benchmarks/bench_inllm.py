@@ -77,9 +77,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
+import functools
 import os
-import platform
 import re
 import statistics
 import time
@@ -91,21 +90,17 @@ import torch
 from torch import nn
 
 import tokenreduce as tr
-import transformers
 from tokenreduce import registry
 from tokenreduce.adapters import decoder as decoder_adapter
-from tokenreduce.bench import shared_copy
 from tokenreduce.config import ReductionConfig
-from tokenreduce.measure import (
-    ModuleTimer, Timing, analyse_overhead, parallel_op_probe, profile_calls, speedup, time_interleaved, transformer_block_flops,
-)
+from tokenreduce.measure import Timing, analyse_overhead, profile_calls, time_interleaved, transformer_block_flops
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 
 from bench_vlm_prefill import (
-    BASE, COMPONENTS, FULL, QUICK, Shape, build_model, components, count_candidate, gf, make_inputs, parameter_counts,
-    predicted_parts,
+    BASE, FULL, QUICK, Shape, apply_candidates, count_candidates, finish_run, gf, prefill_calls, print_run, run_record,
+    speed_columns, start_run, time_components, timing_record,
 )
-from common import format_table, log, report_contention
+from common import format_table, log, write_results
 
 TARGET_EFFICIENCY = 0.85
 TARGET_OVERHEAD_PCT = 3.0
@@ -284,37 +279,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     shape = QUICK_INLLM if args.quick else FULL
     dtype = getattr(torch, args.dtype)
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    env: dict[str, Any] = {
-        "torch": torch.__version__, "transformers": transformers.__version__, "tokenreduce": tr.__version__,
-        "python": platform.python_version(), "machine": platform.machine(), "cpus_available": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
-    }
-    probes = [parallel_op_probe(args.threads)]
+    run = start_run(args, shape, dtype)
+    inputs, prompt = run.inputs, run.prompt_tokens
+    log(f"{run.params['total'] / 1e6:.1f} M parameters; prompt of {prompt} tokens ({shape.patches} image); threads={torch.get_num_threads()}")
 
-    log(f"building the {'quick' if args.quick else 'LLaVA-1.5 / Qwen2-0.5B'}-shaped model in {args.dtype} (random weights)")
-    model = build_model(shape, dtype, args.seed)
-    params = parameter_counts(model)
-    inputs = make_inputs(shape, args.text_tokens, dtype, args.seed)
-    prompt = int(inputs["input_ids"].shape[1])
-    log(f"{params['total'] / 1e6:.1f} M parameters; prompt of {prompt} tokens ({shape.patches} image); threads={torch.get_num_threads()}")
-
-    models: dict[str, nn.Module] = {BASE: model}
-    handles: dict[str, tr.Handle] = {}
-    skipped: dict[str, str] = {}
-    for spec in args.methods:
-        copy_ = shared_copy(model)
-        try:
-            handles[spec] = tr.apply(copy_, parse_spec(spec))
-        except Exception as exc:  # noqa: BLE001  (a spec that cannot be applied is reported, not fatal)
-            skipped[spec] = f"apply: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            continue
-        models[spec] = copy_
-
-    def prefill(m: nn.Module) -> Callable[[], Any]:
-        return lambda: m(**inputs, logits_to_keep=1)
-
+    models, handles, skipped = apply_candidates(run.model, [(spec, functools.partial(parse_spec, spec)) for spec in args.methods])
     lengths: dict[str, int] = {}
     ends: dict[str, list[float]] = {name: [] for name in models}
 
@@ -327,38 +296,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return call
 
-    fns = {name: prefill(m) for name, m in models.items()}
+    fns = prefill_calls(models, inputs)
     with torch.inference_mode():
         # ------------------------------------------------------------ 1. FLOPs and the schedule (the counted prefill is the first warm-up)
-        log("counting FLOPs (one prefill per candidate)")
-        flops: dict[str, dict[str, Any]] = {}
+        flops = count_candidates(shape, models, fns, handles, skipped)
+        names = list(models)
         schedule: dict[str, dict[str, Any]] = {}
-        for name in list(models):
-            try:
-                flops[name] = count_candidate(name, models[name], fns[name], shape, handles.get(name))
-            except Exception as exc:  # noqa: BLE001  (a method that fails on this model is reported, not fatal)
-                skipped[name] = f"prefill: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                if name == BASE:
-                    raise
-                handles.pop(name).remove()
-                del models[name], fns[name]
-                continue
+        for name in names:  # each method's own stats, unchanged by the other candidates' prefills
             schedule[name] = candidate_schedule(handles.get(name), shape, prompt, dtype)
             flops[name]["schedule_llm"] = schedule_llm_flops(schedule[name]["sequence_per_layer"], shape)
             flops[name]["llm_residual"] = flops[name]["counted"]["llm"] - flops[name]["schedule_llm"]
-        names = list(models)
 
         # ------------------------------------------------------------ 2. prefill latency, interleaved, with component timers
         log(f"timing prefills of {names} interleaved: warmup={args.warmup}, repeats={args.repeats}")
-        timers = {name: ModuleTimer(components(models[name])) for name in names}
-        timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-        parts: dict[str, dict[str, float]] = {}
-        for name in names:
-            timed = timers[name].last(args.repeats)
-            timers[name].remove()
-            part = {c: statistics.median(f[c] for f in timed) for c in COMPONENTS}
-            part["other"] = statistics.median(t - sum(f.values()) for t, f in zip(timings[name].times, timed))
-            parts[name] = part
+        timings, parts = time_components(models, fns, args.warmup, args.repeats)
 
         # ------------------------------------------------------------ 3. overhead (profiler)
         log(f"profiling {args.profile_forwards} prefills per candidate")
@@ -373,21 +324,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for timer in step_timers.values():
             timer.remove()
 
-    probes.append(parallel_op_probe(args.threads))
-    env.update(loadavg_end=os.getloadavg(), parallel_op_probe=probes, run_seconds=time.perf_counter() - t_start)
-    for handle in handles.values():
-        handle.remove()
+    finish_run(run, args.threads, handles)
 
     rows = summary_rows(names, flops, timings, profiles, parts, schedule, decode)
-    results = {"config": vars(args), "env": env, "shape": dataclasses.asdict(shape), "parameters": params, "prompt_tokens": prompt,
-               "skipped": skipped, "flops": flops, "schedule": schedule, "summary": rows, "decode": decode,
-               "timing": {n: {"times_s": list(t.times), "median_s": t.median, "min_s": t.min} for n, t in timings.items()},
-               "components_s": parts, "profiles": profiles}
+    results = {**run_record(args, shape, run, skipped), "flops": flops, "schedule": schedule, "summary": rows, "decode": decode,
+               "timing": timing_record(timings), "components_s": parts, "profiles": profiles}
     print_report(args, shape, results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        print(f"\nwrote {args.out}")
+    write_results(args.out, results)
     return results
 
 
@@ -414,21 +357,16 @@ def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Tim
     The LLM columns isolate what an in-LLM method can change: the vision tower runs in
     full for every candidate, so the whole-prefill ideal is bounded by its share.
     """
-    base_flops, base_t = flops[BASE]["total"], timings[BASE]
+    base_t = timings[BASE]
     base_kv, base_rate = schedule[BASE]["kv_cache_bytes"], decode[BASE]["tokens_per_s"]
     rows = []
     for name in names:
-        ideal = base_flops / flops[name]["total"]
-        measured = speedup(base_t, timings[name])
-        weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
+        speed = speed_columns(name, flops, timings, parts)
         p = profiles[name]
         overhead_pct = 100 * p["total_ms"] / 1e3 / base_t.median
         rows.append({
             "name": name, "equivalent_tokens": schedule[name]["equivalent_tokens"], "gflops": flops[name]["total"] / 1e9,
-            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, "ideal_speedup": ideal,
-            "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
-            "measured_speedup": measured, "efficiency": measured / ideal,
-            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted,
+            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, **speed,
             "llm_ideal_speedup": flops[BASE]["counted"]["llm"] / flops[name]["counted"]["llm"],
             "llm_measured_speedup": parts[BASE]["llm"] / parts[name]["llm"],
             "scoring_ms": p["reduce_ms"], "probe_ms": p["probe_ms"], "slicing_ms": p["slicing_ms"],
@@ -436,7 +374,7 @@ def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Tim
             "kv_cache_bytes": schedule[name]["kv_cache_bytes"], "kv_fraction": schedule[name]["kv_cache_bytes"] / base_kv,
             "decode_tokens_per_s": decode[name]["tokens_per_s"], "decode_wall_tokens_per_s": decode[name]["wall_tokens_per_s"],
             "decode_speedup": decode[name]["tokens_per_s"] / base_rate,
-            "meets_efficiency": None if name == BASE else measured / ideal >= TARGET_EFFICIENCY,
+            "meets_efficiency": None if name == BASE else speed["efficiency"] >= TARGET_EFFICIENCY,
             "meets_overhead": None if name == BASE else overhead_pct <= TARGET_OVERHEAD_PCT,
         })
     return rows
@@ -453,13 +391,7 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
     print(f"vision: CLIP {shape.vision_layers} x {shape.vision_dim}, {params['vision'] / 1e6:.1f} M params; LLM: Qwen2 {shape.layers} "
           f"layers x {shape.dim} (SwiGLU {shape.mlp}, {shape.heads} heads / {shape.kv_heads} KV), {params['llm'] / 1e6:.1f} M params; "
           f"total {params['total'] / 1e6:.1f} M")
-    print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
-          + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
-          + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}, "
-          f"decode repeats {args.decode_repeats} x {args.new_tokens} tokens")
-    report_contention(env["parallel_op_probe"])
-    for name, why in results["skipped"].items():
-        print(f"SKIPPED {name}: {why}")
+    print_run(args, results, f", decode repeats {args.decode_repeats} x {args.new_tokens} tokens")
 
     print(f"\n-- Prefill (FLOPs = 2 x MACs, counted; speed-ups from medians; overhead = scoring + selection ('{OVERHEAD_LABEL}' "
           "ranges, P2 probe included) + slicing, as % of the unreduced median prefill)")

@@ -66,9 +66,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -81,6 +81,7 @@ import tokenreduce as tr
 import transformers
 from tokenreduce import registry
 from tokenreduce.bench import shared_copy
+from tokenreduce.config import ReductionConfig
 from tokenreduce.measure import (
     ModuleTimer, Timing, analyse_overhead, count_flops, parallel_op_probe, profile_calls, speedup,
     time_interleaved, transformer_block_flops,
@@ -88,7 +89,7 @@ from tokenreduce.measure import (
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-from common import format_table, log, report_contention
+from common import format_table, log, report_contention, write_results
 
 TARGET_EFFICIENCY = 0.9
 TARGET_OVERHEAD_PCT = 3.0
@@ -330,10 +331,30 @@ def cand_name(method: str, keep: int, several: bool) -> str:
     return f"{method}@{keep}" if several else method
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    shape = QUICK if args.quick else FULL
-    dtype = getattr(torch, args.dtype)
+# --------------------------------------------------------------------------- run steps (bench_inllm runs them too)
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's model, its parameter counts and prompt, and the environment record that ``finish_run`` completes."""
+
+    model: LlavaForConditionalGeneration
+    params: dict[str, int]
+    inputs: dict[str, torch.Tensor]
+    env: dict[str, Any]
+    probes: list[dict[str, Any]]
+    t_start: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+def start_run(args: argparse.Namespace, shape: Shape, dtype: torch.dtype) -> Run:
+    """Set the threads, record the environment and the first parallel-op probe, then build the model and the prompt.
+
+    ``args`` needs ``threads``, ``quick``, ``dtype``, ``seed`` and ``text_tokens``.
+    """
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     env: dict[str, Any] = {
@@ -347,54 +368,127 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(shape, dtype, args.seed)
     params = parameter_counts(model)
     inputs = make_inputs(shape, args.text_tokens, dtype, args.seed)
-    log(f"{params['total'] / 1e6:.1f} M parameters; prompt of {inputs['input_ids'].shape[1]} tokens "
-        f"({shape.patches} image placeholders); threads={torch.get_num_threads()}")
+    return Run(model=model, params=params, inputs=inputs, env=env, probes=probes, t_start=t_start)
 
+
+def finish_run(run: Run, threads: int, handles: dict[str, tr.Handle]) -> None:
+    """Complete ``run.env`` (second parallel-op probe, load average at the end, run time), then remove the methods."""
+    run.probes.append(parallel_op_probe(threads))
+    run.env.update(loadavg_end=os.getloadavg(), parallel_op_probe=run.probes, run_seconds=time.perf_counter() - run.t_start)
+    for handle in handles.values():
+        handle.remove()
+
+
+def failure(stage: str, exc: Exception) -> str:
+    """Why a candidate is skipped, in one line: ``stage: ExceptionType: the message's first line``."""
+    return f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def apply_candidates(model: nn.Module, configs: list[tuple[str, Callable[[], ReductionConfig]]]
+                     ) -> tuple[dict[str, nn.Module], dict[str, tr.Handle], dict[str, str]]:
+    """The unreduced model as ``BASE`` and, per (name, config maker), the config applied to a weight-sharing copy.
+
+    A config that cannot be made or applied is reported, not fatal. Returns (models, handles, skipped: name -> why).
+    """
     models: dict[str, nn.Module] = {BASE: model}
     handles: dict[str, tr.Handle] = {}
     skipped: dict[str, str] = {}
-    several = len(args.keep) > 1
-    for keep in args.keep:
-        for method in args.methods:
-            name = cand_name(method, keep, several)
-            copy_ = shared_copy(model)
-            try:
-                handles[name] = tr.apply(copy_, registry.config_class(method)(keep=keep))
-            except Exception as exc:  # noqa: BLE001  (a method that cannot be applied is reported, not fatal)
-                skipped[name] = f"apply: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                continue
-            models[name] = copy_
+    for name, make_config in configs:
+        copy_ = shared_copy(model)
+        try:
+            handles[name] = tr.apply(copy_, make_config())
+        except Exception as exc:  # noqa: BLE001  (a method that cannot be applied is reported, not fatal)
+            skipped[name] = failure("apply", exc)
+            continue
+        models[name] = copy_
+    return models, handles, skipped
+
+
+def prefill_calls(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    """One prefill per candidate: the whole prompt, the LM head on the last position only (as ``generate``'s first step)."""
 
     def prefill(m: nn.Module) -> Callable[[], Any]:
         return lambda: m(**inputs, logits_to_keep=1)
 
-    fns = {name: prefill(m) for name, m in models.items()}
+    return {name: prefill(m) for name, m in models.items()}
+
+
+def count_candidates(shape: Shape, models: dict[str, nn.Module], fns: dict[str, Callable[[], Any]],
+                     handles: dict[str, tr.Handle], skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``count_candidate`` for every candidate in turn (the counted prefill is each one's first warm-up).
+
+    A candidate whose prefill fails is recorded in ``skipped``, its method removed and it is
+    dropped from ``models``, ``fns`` and ``handles``; a failing unreduced model is raised.
+    """
+    log("counting FLOPs (one prefill per candidate)")
+    flops: dict[str, dict[str, Any]] = {}
+    for name in list(models):
+        try:
+            flops[name] = count_candidate(name, models[name], fns[name], shape, handles.get(name))
+        except Exception as exc:  # noqa: BLE001  (a method that fails on this model is reported, not fatal)
+            skipped[name] = failure("prefill", exc)
+            if name == BASE:
+                raise
+            handles.pop(name).remove()
+            del models[name], fns[name]
+    return flops
+
+
+def time_components(models: dict[str, nn.Module], fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+                    ) -> tuple[dict[str, Timing], dict[str, dict[str, float]]]:
+    """The prefills timed interleaved, each split by ``ModuleTimer`` hooks into its components.
+
+    Returns (timings, parts): parts[name] is the median seconds per component over the timed
+    calls, plus "other", the prefill minus the components.
+    """
+    timers = {name: ModuleTimer(components(models[name])) for name in models}
+    timings = time_interleaved(fns, warmup=warmup, repeats=repeats)
+    parts: dict[str, dict[str, float]] = {}
+    for name in models:
+        timed = timers[name].last(repeats)
+        timers[name].remove()
+        part = {c: statistics.median(f[c] for f in timed) for c in COMPONENTS}
+        part["other"] = statistics.median(t - sum(f.values()) for t, f in zip(timings[name].times, timed))
+        parts[name] = part
+    return timings, parts
+
+
+def run_record(args: argparse.Namespace, shape: Shape, run: Run, skipped: dict[str, str]) -> dict[str, Any]:
+    """The results' first entries: the config, the environment, the shape, parameter counts, prompt length, skipped candidates."""
+    return {"config": vars(args), "env": run.env, "shape": dataclasses.asdict(shape), "parameters": run.params,
+            "prompt_tokens": run.prompt_tokens, "skipped": skipped}
+
+
+def timing_record(timings: dict[str, Timing]) -> dict[str, dict[str, Any]]:
+    """Each candidate's timed prefills (s), with their median and minimum, for the results."""
+    return {n: {"times_s": list(t.times), "median_s": t.median, "min_s": t.min} for n, t in timings.items()}
+
+
+def keep_config(method: str, keep: int) -> ReductionConfig:
+    """The registered method's config at ``keep`` visual tokens."""
+    return registry.config_class(method)(keep=keep)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    dtype = getattr(torch, args.dtype)
+    run = start_run(args, shape, dtype)
+    log(f"{run.params['total'] / 1e6:.1f} M parameters; prompt of {run.prompt_tokens} tokens "
+        f"({shape.patches} image placeholders); threads={torch.get_num_threads()}")
+
+    several = len(args.keep) > 1
+    models, handles, skipped = apply_candidates(run.model, [
+        (cand_name(method, keep, several), functools.partial(keep_config, method, keep)) for keep in args.keep for method in args.methods])
+    fns = prefill_calls(models, run.inputs)
     with torch.inference_mode():
         # ------------------------------------------------------------ 1. FLOPs (the counted prefill is the first warm-up)
-        log("counting FLOPs (one prefill per candidate)")
-        flops: dict[str, dict[str, Any]] = {}
-        for name in list(models):
-            try:
-                flops[name] = count_candidate(name, models[name], fns[name], shape, handles.get(name))
-            except Exception as exc:  # noqa: BLE001  (a method that fails on this model is reported, not fatal)
-                skipped[name] = f"prefill: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                if name == BASE:
-                    raise
-                handles.pop(name).remove()
-                del models[name], fns[name]
+        flops = count_candidates(shape, models, fns, handles, skipped)
         names = list(models)
 
         # ------------------------------------------------------------ 2. latency, interleaved, with component timers
         log(f"timing {names} interleaved: warmup={args.warmup}, repeats={args.repeats}")
-        timers = {name: ModuleTimer(components(models[name])) for name in names}
-        timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-        parts: dict[str, dict[str, float]] = {}
-        for name in names:
-            timed = timers[name].last(args.repeats)
-            timers[name].remove()
-            part = {c: statistics.median(f[c] for f in timed) for c in COMPONENTS}
-            part["other"] = statistics.median(t - sum(f.values()) for t, f in zip(timings[name].times, timed))
-            parts[name] = part
+        timings, parts = time_components(models, fns, args.warmup, args.repeats)
 
         # ------------------------------------------------------------ 3. overhead and op breakdown (profiler)
         log(f"profiling {args.profile_forwards} prefills per candidate")
@@ -409,22 +503,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             profiles[name] = {**p, "shrink_ms": shrink if undo is not None else None, "wall_s_per_forward": wall / args.profile_forwards}
             del prof
 
-    probes.append(parallel_op_probe(args.threads))
-    env.update(loadavg_end=os.getloadavg(), parallel_op_probe=probes, run_seconds=time.perf_counter() - t_start)
-    for handle in handles.values():
-        handle.remove()
+    finish_run(run, args.threads, handles)
 
     rows = summary_rows(names, flops, timings, profiles, parts)
-    results = {"config": vars(args), "env": env, "shape": dataclasses.asdict(shape), "parameters": params,
-               "prompt_tokens": int(inputs["input_ids"].shape[1]), "skipped": skipped, "flops": flops, "summary": rows,
-               "timing": {n: {"times_s": list(t.times), "median_s": t.median, "min_s": t.min} for n, t in timings.items()},
-               "components_s": parts,
-               "profiles": {n: {k: v for k, v in p.items() if k != "table"} for n, p in profiles.items()}}
+    results = {**run_record(args, shape, run, skipped), "flops": flops, "summary": rows, "timing": timing_record(timings),
+               "components_s": parts, "profiles": {n: {k: v for k, v in p.items() if k != "table"} for n, p in profiles.items()}}
     print_report(args, shape, results, timings)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        print(f"\nwrote {args.out}")
+    write_results(args.out, results)
     return results
 
 
@@ -437,31 +522,39 @@ def predicted_parts(flops: dict[str, Any], parts: dict[str, dict[str, float]], n
     return pred
 
 
+def speed_columns(name: str, flops: dict[str, Any], timings: dict[str, Timing], parts: dict[str, dict[str, float]]
+                  ) -> dict[str, float]:
+    """A candidate's prefill speed against the unreduced model's: FLOPs-ideal and measured (medians) speed-ups, their
+    ratio, median and min ms, and the component-weighted ideal (each component at its unreduced FLOP rate)."""
+    ideal = flops[BASE]["total"] / flops[name]["total"]
+    measured = speedup(timings[BASE], timings[name])
+    weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
+    return {"ideal_speedup": ideal, "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
+            "measured_speedup": measured, "efficiency": measured / ideal,
+            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted}
+
+
 def summary_rows(names: list[str], flops: dict[str, Any], timings: dict[str, Timing], profiles: dict[str, Any],
                  parts: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """One row per candidate. Besides the FLOPs-ideal speed-up, a *component-weighted* ideal: the prefill time if
     every component kept the unreduced model's FLOP rate. The two differ when the components run at different
     FLOP rates (the part that shrinks, the LLM, may be the faster one); measured / component-weighted ideal is the
     share of the shortfall that reduced models themselves lose (smaller matmuls, overhead)."""
-    base_flops, base_t = flops[BASE]["total"], timings[BASE]
+    base_t = timings[BASE]
     rows = []
     for name in names:
-        ideal = base_flops / flops[name]["total"]
-        measured = speedup(base_t, timings[name])
-        weighted = sum(parts[BASE].values()) / sum(predicted_parts(flops, parts, name).values())
+        speed = speed_columns(name, flops, timings, parts)
+        ideal = speed["ideal_speedup"]
         p = profiles[name]
         rows.append({
             "name": name, "visual_tokens": flops[name]["visual_tokens"], "sequence": flops[name]["sequence"],
             "gflops": flops[name]["total"] / 1e9, "gflops_vision": flops[name]["counted"]["vision"] / 1e9,
-            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, "ideal_speedup": ideal,
-            "median_ms": 1e3 * timings[name].median, "min_ms": 1e3 * timings[name].min,
-            "measured_speedup": measured, "efficiency": measured / ideal,
-            "component_ideal_speedup": weighted, "efficiency_vs_component_ideal": measured / weighted,
+            "gflops_llm": flops[name]["counted"]["llm"] / 1e9, **speed,
             "measured_speedup_min": base_t.min / timings[name].min, "efficiency_min": base_t.min / timings[name].min / ideal,
             "overhead_ms": p["reduce_ms"], "overhead_pct_of_base": 100 * p["reduce_ms"] / 1e3 / base_t.median,
             "overhead_min_ms": p["reduce_min_over_forwards_ms"],
             "shrink_ms": p["shrink_ms"],
-            "meets_efficiency": None if name == BASE else measured / ideal >= TARGET_EFFICIENCY,
+            "meets_efficiency": None if name == BASE else speed["efficiency"] >= TARGET_EFFICIENCY,
             "meets_overhead": None if name == BASE else 100 * p["reduce_ms"] / 1e3 / base_t.median <= TARGET_OVERHEAD_PCT,
         })
     return rows
@@ -480,12 +573,7 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
     print(f"projector: 2-layer GELU {shape.vision_dim}->{shape.dim}->{shape.dim}; {params['projector'] / 1e6:.2f} M params")
     print(f"LLM: Qwen2 {shape.layers} layers x {shape.dim} (SwiGLU {shape.mlp}, {shape.heads} heads / {shape.kv_heads} KV), "
           f"vocab {shape.vocab}, tied; {params['llm'] / 1e6:.1f} M params;  total {params['total'] / 1e6:.1f} M")
-    print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
-          + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
-          + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}")
-    report_contention(env["parallel_op_probe"])
-    for name, why in results["skipped"].items():
-        print(f"SKIPPED {name}: {why}")
+    print_run(args, results)
 
     print(f"\n-- Summary (FLOPs = 2 x MACs, counted; speed-ups from medians; overhead = '{OVERHEAD_LABEL}' range as % of the "
           f"unreduced median prefill)")
@@ -550,6 +638,18 @@ def print_report(args: argparse.Namespace, shape: Shape, results: dict[str, Any]
             top = sorted(inside.items(), key=lambda kv: -kv[1])[:6]
             print(f"  {name}: range {results['profiles'][name]['reduce_ms']:.2f} ms, glue (range self) "
                   f"{results['profiles'][name]['reduce_self_ms']:.2f} ms; " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+
+
+def print_run(args: argparse.Namespace, results: dict[str, Any], repeats_more: str = "") -> None:
+    """The report's run lines: versions, load average, run time, repetitions (then ``repeats_more``), the parallel-op
+    probe with its contention warning, and the skipped candidates."""
+    env = results["env"]
+    print(f"torch {env['torch']}, transformers {env['transformers']}; load average (1/5/15 min) start "
+          + "/".join(f"{x:.2f}" for x in env["loadavg_start"]) + ", end " + "/".join(f"{x:.2f}" for x in env["loadavg_end"])
+          + f"; run took {env['run_seconds']:.0f} s; warmup {args.warmup} (+1 counted), repeats {args.repeats}{repeats_more}")
+    report_contention(env["parallel_op_probe"])
+    for name, why in results["skipped"].items():
+        print(f"SKIPPED {name}: {why}")
 
 
 def gf(value: float) -> str:

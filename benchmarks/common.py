@@ -6,6 +6,7 @@ first on ``sys.path``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,14 @@ from tokenreduce.measure import oversubscribed
 def log(msg: str) -> None:
     """Progress on stderr, time-stamped, so that stdout holds only the report."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_results(path: str | None, results: dict[str, Any]) -> None:
+    """Write ``results`` as JSON to ``path`` (what JSON cannot hold as its text) and say so on stdout; nothing without a path."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"\nwrote {path}")
 
 
 def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:

@@ -9,15 +9,12 @@ generates the same number of tokens.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import benchmark_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 FASTV, PDROP = "fastv:layer=2,ratio=0.75", "pdrop"
 NEW_TOKENS = 5
 
@@ -25,17 +22,8 @@ NEW_TOKENS = 5
 @pytest.fixture(scope="module")
 def bench():
     """The script as a module (its folder on sys.path, as when it is run, so ``import common`` and ``bench_vlm_prefill`` work)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_inllm", BENCHMARKS / "bench_inllm.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(module)
+    with benchmark_script("bench_inllm", "bench_vlm_prefill") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_inllm", None)
-        sys.modules.pop("bench_vlm_prefill", None)
-        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")

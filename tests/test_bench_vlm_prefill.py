@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import benchmark_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 METHODS = ["fastervlm", "visionzip", "divprune", "random", "ficoco_v"]
 
 
 @pytest.fixture(scope="module")
 def bench():
     """The script as a module (its folder on sys.path, as when it is run, so ``import common`` works)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_vlm_prefill", BENCHMARKS / "bench_vlm_prefill.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(module)
+    with benchmark_script("bench_vlm_prefill") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_vlm_prefill", None)
-        sys.path.remove(str(BENCHMARKS))
 
 
 def test_quick_run_reports_every_method(bench, tmp_path, capsys):

@@ -6,27 +6,15 @@ The contract (zero strength, stats, cache, padding, bf16) runs for both modes in
 
 from __future__ import annotations
 
-import pytest
 import torch
 import vlm_fixtures as vf
 from clustering_oracle import loop_dpc_knn
-from test_inllm_contract import deep_llava
-from test_inllm_more import TEXTS, raters_of, top_of, unreduced
+from test_inllm_more import batch, model, raters_of, top_of, unreduced  # noqa: F401  (batch and model: the module's fixtures)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenreduce as tr
 from tokenreduce.methods.sparsevlm import SparseVLM, plus
 from tokenreduce.methods.sparsevlm.recycling import recycled_count
-
-
-@pytest.fixture(scope="module")
-def model():
-    return deep_llava()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return vf.batch([vf.prompt(before, after) for before, after in TEXTS])  # left padding
 
 
 def run_capturing_layer(model, ids, mask, pixels, config, layer: int) -> tuple[dict, dict]:
