@@ -312,10 +312,9 @@ def replay_selection(handle, recorded: Recorded) -> None:
     handle.method.select = select
 
 
-@ALL_BATCHES
-@pytest.mark.parametrize("case", list(CASES))
-def test_cached_generate_equals_recomputation_with_the_same_kept_set(vlm, case):
-    with tr.apply(vlm.model, CASES[case][1]) as handle:
+def check_cached_generate_equals_recomputation(vlm: Batch, config) -> None:
+    """``generate()`` on the cut cache gives the tokens of a no-cache generation that makes the same cuts (convention 0.5.6)."""
+    with tr.apply(vlm.model, config) as handle:
         recorded = record_selection(handle)
         _, cached = vlm.run()
         replay_selection(handle, recorded)
@@ -324,11 +323,15 @@ def test_cached_generate_equals_recomputation_with_the_same_kept_set(vlm, case):
 
 
 @ALL_BATCHES
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
+def test_cached_generate_equals_recomputation_with_the_same_kept_set(vlm, case):
+    check_cached_generate_equals_recomputation(vlm, CASES[case][1])
+
+
+def check_padded_batch_equals_samples_one_by_one(vlm: Batch, config, side: str) -> None:
+    """Each sample of a ``side``-padded batch cuts, scores and generates as in its own unpadded run (convention 0.5.7)."""
     width = max(map(len, vlm.prompts))
-    with tr.apply(vlm.model, CASES[case][1]) as handle:
+    with tr.apply(vlm.model, config) as handle:
         batch_logits, batch_tokens = vlm.run(side=side, seed=4)
         batch_kept = handle.stats()["kept"]
         for i, prompt in enumerate(vlm.prompts):
@@ -342,6 +345,13 @@ def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
             # tokens before its last one, fill it up to the batch's length
             last = -1 if side == "left" else max(logits.shape[1], batch_logits.shape[1] - width + len(prompt)) - 1
             torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
+
+
+@ALL_BATCHES
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
+    check_padded_batch_equals_samples_one_by_one(vlm, CASES[case][1], side)
 
 
 @contextlib.contextmanager

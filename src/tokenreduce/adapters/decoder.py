@@ -409,14 +409,14 @@ class DecoderRun:
         return cut
 
     def _positions(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """The position ids and (cos, sin) of the tokens a cut left (``run.columns``); with "compact", each sample's shift.
+        """Set the run's position ids and (cos, sin) for the tokens a cut left (``run.columns``); return the stage's shift.
 
         "original" gathers the model's full-length ids and (cos, sin) at the survivors'
         columns (convention 0.5.5). "compact" moves each survivor back by the real
         tokens removed before it (:func:`compact_ids`), as the references that build a
         shorter sequence do (METHODS.md C2 step 4, C5.5), and computes (cos, sin) for
-        those ids with the decoder's own ``rotary_emb``; it returns the real tokens each
-        sample lost, by which this stage's decode positions move back.
+        those ids with the decoder's own ``rotary_emb``; the shift is the real tokens each
+        sample lost, by which this stage's decode positions move back (None: "original").
         """
         run = self.current
         ids = _gather_ids(kwargs["position_ids"], run.columns)
