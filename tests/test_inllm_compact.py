@@ -128,3 +128,10 @@ def test_qwen_vl_refuses_compact_positions_untouched():
     with torch.no_grad():
         assert torch.equal(qwen(**inputs).logits, expected)
 
+
+def test_ficoco_vl_with_both_stages_compact_generates_as_its_recomputation(llava):
+    """The vision stage numbers the prompt it shortened 0..L-1 and the decoder's cuts renumber their survivors: one
+    contiguous numbering, which decode steps on the cut cache continue (the stages must agree, ``StagedConfig``)."""
+    config = tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(keep=40, positions="compact"),
+                               language=tr.FiCoCoLConfig(start_layer=0, r=10, positions="compact"))
+    check_cached_generate_equals_recomputation(llava, config, stage="language")

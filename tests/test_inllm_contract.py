@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import types
 from collections.abc import Callable, Iterator
 
 import llava_next_fixtures as nf
@@ -312,17 +313,19 @@ def replay_selection(handle, recorded: Recorded) -> None:
     handle.method.select = select
 
 
-def check_cached_generate_equals_recomputation(vlm: Batch, config) -> None:
+def check_cached_generate_equals_recomputation(vlm: Batch, config, stage: str | None = None) -> None:
     """``generate()`` on the cut cache gives the tokens and step logits of a no-cache generation making the same cuts.
 
     Convention 0.5.6. The logits too: a random model's greedy tokens barely depend on
     positions, and decode steps must number their token as the recomputed prompt does.
+    ``stage``: the in-LLM stage of a staged config, whose cuts are recorded and replayed.
     """
     ids, mask = vf.batch(vlm.prompts)
     with tr.apply(vlm.model, config) as handle:
-        recorded = record_selection(handle)
+        cutting = handle if stage is None else types.SimpleNamespace(method=handle.method.stage(stage), stats=lambda: handle.stats()[stage])
+        recorded = record_selection(cutting)
         cached = vf.generate_with_logits(vlm.model, ids, mask, **vlm.images())
-        replay_selection(handle, recorded)
+        replay_selection(cutting, recorded)
         recomputed = vf.generate_with_logits(vlm.model, ids, mask, **vlm.images(), use_cache=False)
     assert torch.equal(cached[0], recomputed[0])
     torch.testing.assert_close(cached[1], recomputed[1], rtol=1e-4, atol=1e-5)
