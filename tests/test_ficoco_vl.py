@@ -280,7 +280,7 @@ def test_the_language_budget_is_solved_against_what_the_vision_stage_leaves(mode
     (lambda: tr.FiCoCoVLConfig(vision=tr.FiCoCoVConfig(keep=40, start_layer=5), language=ACTIVE.language),
      r"FiCoCoVLConfig.vision: FiCoCoVConfig: layers 5..1 are not a valid range"),
     (lambda: tr.FiCoCoVLConfig(language=tr.FiCoCoLConfig(start_layer=0, positions="compact")),
-     r"FiCoCoVLConfig.language: FiCoCoLConfig: positions='compact' does not apply to LlavaForConditionalGeneration"),
+     r"FiCoCoVLConfig: the stages must share one positions mode; got vision.positions='original', language.positions='compact'"),
 ])
 def test_stage_configs_this_model_cannot_run_leave_it_untouched(model, prompts, reference, config, message):
     with pytest.raises(tr.ConfigError, match=message):

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import types
 from collections.abc import Callable, Iterator
 
 import llava_next_fixtures as nf
@@ -312,23 +313,34 @@ def replay_selection(handle, recorded: Recorded) -> None:
     handle.method.select = select
 
 
+def check_cached_generate_equals_recomputation(vlm: Batch, config, stage: str | None = None) -> None:
+    """``generate()`` on the cut cache gives the tokens and step logits of a no-cache generation making the same cuts.
+
+    Convention 0.5.6. The logits too: a random model's greedy tokens barely depend on
+    positions, and decode steps must number their token as the recomputed prompt does.
+    ``stage``: the in-LLM stage of a staged config, whose cuts are recorded and replayed.
+    """
+    ids, mask = vf.batch(vlm.prompts)
+    with tr.apply(vlm.model, config) as handle:
+        cutting = handle if stage is None else types.SimpleNamespace(method=handle.method.stage(stage), stats=lambda: handle.stats()[stage])
+        recorded = record_selection(cutting)
+        cached = vf.generate_with_logits(vlm.model, ids, mask, **vlm.images())
+        replay_selection(cutting, recorded)
+        recomputed = vf.generate_with_logits(vlm.model, ids, mask, **vlm.images(), use_cache=False)
+    assert torch.equal(cached[0], recomputed[0])
+    torch.testing.assert_close(cached[1], recomputed[1], rtol=1e-4, atol=1e-5)
+
+
 @ALL_BATCHES
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_generate_equals_recomputation_with_the_same_kept_set(vlm, case):
-    with tr.apply(vlm.model, CASES[case][1]) as handle:
-        recorded = record_selection(handle)
-        _, cached = vlm.run()
-        replay_selection(handle, recorded)
-        _, recomputed = vlm.run(use_cache=False)
-    assert torch.equal(cached, recomputed)
+    check_cached_generate_equals_recomputation(vlm, CASES[case][1])
 
 
-@ALL_BATCHES
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
+def check_padded_batch_equals_samples_one_by_one(vlm: Batch, config, side: str) -> None:
+    """Each sample of a ``side``-padded batch cuts, scores and generates as in its own unpadded run (convention 0.5.7)."""
     width = max(map(len, vlm.prompts))
-    with tr.apply(vlm.model, CASES[case][1]) as handle:
+    with tr.apply(vlm.model, config) as handle:
         batch_logits, batch_tokens = vlm.run(side=side, seed=4)
         batch_kept = handle.stats()["kept"]
         for i, prompt in enumerate(vlm.prompts):
@@ -342,6 +354,13 @@ def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
             # tokens before its last one, fill it up to the batch's length
             last = -1 if side == "left" else max(logits.shape[1], batch_logits.shape[1] - width + len(prompt)) - 1
             torch.testing.assert_close(logits[0, -1], batch_logits[i, last], rtol=1e-4, atol=1e-5)
+
+
+@ALL_BATCHES
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded_batch_equals_samples_one_by_one(vlm, case, side):
+    check_padded_batch_equals_samples_one_by_one(vlm, CASES[case][1], side)
 
 
 @contextlib.contextmanager

@@ -91,7 +91,7 @@ def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case,
     pixels = vf.pixels(3)
     keep = CASES[case][2] + vf.placeholders(model) - vf.IMAGE_TOKENS
     with tr.apply(model, dataclasses.replace(CASES[case][1], positions=positions)) as handle:
-        tokens, logits = generate_with_logits(model, *vf.batch(prompts), pixel_values=pixels)
+        tokens, logits = vf.generate_with_logits(model, *vf.batch(prompts), pixel_values=pixels)
         slots = handle.stats()["visual_slots"]
         with torch.no_grad():  # the visual tokens of a forward with the same prompts (CDPruner's selection depends on them)
             ids, mask = vf.batch(prompts)
@@ -107,17 +107,9 @@ def test_generate_equals_stock_model_fed_pruned_embeddings(model, prompts, case,
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
         embeds[ids == vf.IMAGE_TOKEN] = features.to(embeds.dtype)
-    expected_tokens, expected_logits = generate_with_logits(model, None, mask, inputs_embeds=embeds, **extra)
+    expected_tokens, expected_logits = vf.generate_with_logits(model, None, mask, inputs_embeds=embeds, **extra)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
-
-
-def generate_with_logits(model, ids, mask, **inputs):
-    """Greedy new tokens and the logits of every step (the tokens alone barely depend on positions in a random model)."""
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                             suppress_tokens=[vf.IMAGE_TOKEN], output_logits=True, return_dict_in_generate=True, **inputs)
-    return out.sequences[:, 0 if ids is None else ids.shape[1]:], torch.stack(out.logits, dim=1)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in MAKE_NEW_TOKENS])

@@ -83,3 +83,11 @@ def logits_and_tokens(
         tokens = model.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=4, do_sample=False,
                                 suppress_tokens=[IMAGE_TOKEN], **generate)
     return logits, tokens[:, ids.shape[1]:]
+
+
+def generate_with_logits(model, ids, mask, **inputs):
+    """Greedy new tokens and the logits of every step (the tokens alone barely depend on positions in a random model)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             suppress_tokens=[IMAGE_TOKEN], output_logits=True, return_dict_in_generate=True, **inputs)
+    return out.sequences[:, 0 if ids is None else ids.shape[1]:], torch.stack(out.logits, dim=1)

@@ -39,6 +39,19 @@ on the decoder layers rewrite their inputs:
   columns, decode columns), dead columns zeroed, and a mask is rebuilt for the
   first layer of every stage from that layer's cache length (convention 0.5.6).
   Each layer runs once per forward; nothing is re-run to obtain scores.
+* ``positions="compact"`` (the method config's, METHODS.md C2 "Paper vs code /
+  library", C3 step 5, C5.5; convention 0.5.5) reproduces the references, which
+  build a shorter sequence and number it 0..L'-1: from each cut on, a token's
+  position id is its original one less the real tokens removed before it
+  (:func:`compact_ids`; with generate's ids, which count only real tokens, the
+  live tokens of every sample get 0..L'-1 whatever the padding), and the cut
+  layers' (cos, sin) are computed for those ids by the decoder's own
+  ``rotary_emb``. At a decode step the layers of each stage take the model's
+  decode position less the real tokens removed before that stage, so prefill and
+  decode agree stage by stage (the reference shifts decode positions per stage,
+  C2 step 4). Layers before the first cut keep the original positions. Only
+  decoders with 1-D positions can be re-indexed; the adapters say which
+  (``Adapter.position_modes``: LLaVA and LLaVA-NeXT, not Qwen-VL's M-RoPE).
 * The decoder's output covers the survivors (and dead columns) only, so a
   prefill's logits are shorter than the prompt (as in FastV's inplace mode);
   ``stats()`` reports the sequence length at every layer, and from it the prefill
@@ -134,6 +147,7 @@ class Stage(NamedTuple):
     first: int
     columns: torch.Tensor  # [B, n] original column of each token
     live: torch.Tensor | None  # [B, n] bool, False at dead columns (None: there are none)
+    shift: torch.Tensor | None  # [B] real tokens removed before this stage, which its decode positions move back by (None: original positions)
 
 
 @dataclass
@@ -190,6 +204,7 @@ class DecoderRun:
     method: DecoderMethod
     decoder: nn.Module
     layers: list[nn.Module]
+    compact: bool = False  # positions="compact": survivors re-indexed from each cut on (see the module docstring)
     pending_visual: torch.Tensor | None = None
     current: Pass | None = None
     prefill: Prefill | None = None
@@ -364,8 +379,7 @@ class DecoderRun:
         """
         run = self.current
         n = hidden.shape[1]
-        full_embeddings = kwargs["position_embeddings"]
-        embeddings = run.position_embeddings if run.cut else full_embeddings
+        embeddings = run.position_embeddings if run.cut else kwargs["position_embeddings"]
         mask = run.attention_mask if run.cut else kwargs.get("attention_mask")
         site = CutSite(
             layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text(), query=run.query, keep=keep[0],
@@ -387,13 +401,35 @@ class DecoderRun:
         run.query = output_index(kept, n).gather(1, run.query[:, None])[:, 0]
         run.dead = dropped.gather(1, kept)
         run.columns, run.visual = run.columns.gather(1, kept), run.visual.gather(1, kept) & ~run.dead
-        run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in full_embeddings)
-        run.position_ids = _gather_ids(kwargs["position_ids"], run.columns)
+        shift = self._positions(cut, kwargs)
         run.attention_mask = self._mask(layer, cut, run.attended(), kwargs.get("past_key_values"))
         run.cut = True
-        run.stages.append(Stage(layer, run.columns, ~run.dead if bool(run.dead.any()) else None))
+        run.stages.append(Stage(layer, run.columns, ~run.dead if bool(run.dead.any()) else None, shift))
         self.kept[layer] = [row[visual].tolist() for row, visual in zip(run.columns, run.visual)]
         return cut
+
+    def _positions(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Set the run's position ids and (cos, sin) for the tokens a cut left (``run.columns``); return the stage's shift.
+
+        "original" gathers the model's full-length ids and (cos, sin) at the survivors'
+        columns (convention 0.5.5). "compact" moves each survivor back by the real
+        tokens removed before it (:func:`compact_ids`), as the references that build a
+        shorter sequence do (METHODS.md C2 step 4, C5.5), and computes (cos, sin) for
+        those ids with the decoder's own ``rotary_emb``; the shift is the real tokens each
+        sample lost, by which this stage's decode positions move back (None: "original").
+        """
+        run = self.current
+        ids = _gather_ids(kwargs["position_ids"], run.columns)
+        if not self.compact:
+            run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in kwargs["position_embeddings"])
+            run.position_ids = ids
+            return None
+        attended = run.attended()
+        live = attended.bool() if attended is not None else torch.ones_like(run.visual)
+        real = run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)
+        run.position_ids, shift = compact_ids(ids, run.columns, live, real)
+        run.position_embeddings = self.decoder.rotary_emb(hidden, run.position_ids)
+        return shift
 
     def _select(self, site: CutSite, keep: list[int], counts: list[int]) -> tuple[torch.Tensor, list[tuple[slice, TokenPlan]]]:
         """The method's cut as [B, N] bool survivors (non-visual tokens and kept visual ones), with the plans that merge.
@@ -440,7 +476,12 @@ class DecoderRun:
                 if stage.live is not None:
                     mask2d = mask2d * torch.cat([stage.live, torch.ones_like(tail, dtype=torch.bool)], dim=1)
             run.attention_mask = self._mask(layer, hidden, mask2d, kwargs.get("past_key_values"))
+            if stage.shift is not None:
+                run.position_ids = kwargs["position_ids"] - stage.shift[:, None]
+                run.position_embeddings = self.decoder.rotary_emb(hidden, run.position_ids)
         kwargs["attention_mask"] = run.attention_mask
+        if stage.shift is not None:
+            kwargs.update(position_embeddings=run.position_embeddings, position_ids=run.position_ids)
         return args, kwargs
 
     def _mask(self, layer: int, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any) -> Any:
@@ -537,6 +578,22 @@ def _gather_embedding(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return t.gather(-2, columns[..., None].expand(*lead, -1, -1, t.shape[-1]))
 
 
+def compact_ids(ids: torch.Tensor, columns: torch.Tensor, live: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous position ids after a cut: each token's id less the real tokens removed before it, and [B] removed in all.
+
+    ids: [B, N] the tokens' original position ids; columns: [B, N] their original
+    columns; live: [B, N] bool, the tokens still attended (not padding, not dead);
+    real: [B, L] bool, the prompt's unpadded columns. Where the original ids number
+    each sample's real tokens 0..L-1 (``generate``'s ``cumsum(mask) - 1``, or the
+    column index without padding) the live tokens get 0..L'-1: the sequence the
+    references build (METHODS.md C2 step 4, C5.5). Padding and dead columns get
+    ids too, which no live token attends.
+    """
+    kept = torch.zeros_like(real).scatter(1, columns, live)
+    removed = (real & ~kept).cumsum(dim=1)
+    return ids - removed.gather(1, columns), removed[:, -1]
+
+
 def _gather_ids(t: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
     """Position ids [1 or B, N] (or M-RoPE [3, 1 or B, N]) at [B, K] columns, on the token axis.
 
@@ -615,7 +672,7 @@ def attach_decoder(decoder: nn.Module, method: DecoderMethod) -> tuple[list[Undo
     _check_full_attention(config)
     _register_probe_attention()
     layers = list(decoder.layers)
-    run = DecoderRun(method=method, decoder=decoder, layers=layers)
+    run = DecoderRun(method=method, decoder=decoder, layers=layers, compact=method.config.positions == "compact")
     undo: list[Undo] = []
     config._attn_implementation = PROBE_ATTENTION
     undo.append(lambda: setattr(config, "_attn_implementation", "sdpa"))

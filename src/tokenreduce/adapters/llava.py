@@ -12,7 +12,8 @@ Three sites (METHODS.md sec. 0.3):
   (DivPrune, CDPruner);
 * ``llm`` (H4/H5): cuts inside the language model (FastV, PyramidDrop, DART), run
   by the decoder machinery of :mod:`.decoder`; this adapter only reports each
-  prompt's visual tokens (``input_ids == image_token_id``).
+  prompt's visual tokens (``input_ids == image_token_id``). Both ``positions``
+  modes apply: the language model is a Llama-family decoder with 1-D positions.
 
 Whatever the site, the image features end up shorter than the placeholder runs the
 processor expanded. :class:`PlaceholderShrinker` wraps ``LlavaModel.forward``: at
@@ -462,10 +463,9 @@ class LlavaAdapter(Adapter):
         self.image_token_id = config.image_token_id
         self.pad_token_id = getattr(config.text_config, "pad_token_id", None) or 0
 
-    @property
-    def position_modes(self) -> frozenset[str]:  # type: ignore[override]
-        # Pre-LLM sites shorten the prompt and can re-index it; the in-LLM machinery keeps original positions only.
-        return frozenset({"original"}) if self.site == "llm" else frozenset({"original", "compact"})
+    # Pre-LLM sites shorten the prompt and re-index it (PlaceholderShrinker); the Llama-family decoder's cuts re-index
+    # their survivors (adapters/decoder.py).
+    position_modes = frozenset({"original", "compact"})
 
     def modules_touched(self) -> list[nn.Module]:
         return [self.inner, self.inner.multi_modal_projector, *self.tower.blocks]

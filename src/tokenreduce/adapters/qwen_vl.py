@@ -50,6 +50,10 @@ sequence untouched. Image and video placeholders are visual tokens alike: both a
 vision-tower tokens the in-LLM methods score the same way (FastV and SparseVLM report
 video models too), and a prompt's visual count is only known at its prefill
 (``reducible_tokens`` None), where a budget it cannot meet raises ``ConfigError``.
+
+Positions: ``"original"`` only, at both sites (the base ``Adapter.position_modes``):
+M-RoPE's (t, h, w) ids have no contiguous re-indexing, so ``apply`` refuses
+``positions="compact"`` with a ``ConfigError`` before touching the model.
 """
 
 from __future__ import annotations

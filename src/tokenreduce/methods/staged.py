@@ -34,7 +34,10 @@ class StagedConfig(ReductionConfig):
     """Base of configs whose fields are the configs of a staged method's stages, in pipeline order.
 
     Each field's declared type is the stage's config class; a value of another
-    type is refused naming the field.
+    type is refused naming the field. Stages with a ``positions`` field must agree on
+    it: the stages number one prompt, and a vision stage that keeps original
+    positions under a decoder stage that re-indexes (or the reverse) would leave a
+    numbering neither mode describes.
     """
 
     def validate(self) -> None:
@@ -44,6 +47,10 @@ class StagedConfig(ReductionConfig):
             wanted = hints[name]
             if not isinstance(value, wanted):
                 raise ConfigError(f"{type(self).__name__}: {name}={value!r} is invalid; expected a {wanted.__name__}")
+        positions = {name: value.positions for name, value in self.stage_configs().items() if hasattr(value, "positions")}
+        if len(set(positions.values())) > 1:
+            given = ", ".join(f"{name}.positions={mode!r}" for name, mode in positions.items())
+            raise ConfigError(f"{type(self).__name__}: the stages must share one positions mode; got {given}")
 
     def stage_configs(self) -> dict[str, ReductionConfig]:
         """The stages' configs by field name, in pipeline order."""

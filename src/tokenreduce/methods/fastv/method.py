@@ -5,7 +5,9 @@ token by the attention the last prompt token pays it at layer K-1 (softmax over
 the whole causal row, mean over heads), keep the top ones, in order, for layers
 >= K. Defaults are the paper's headline setting, K = 2 and R = 50 % of the
 visual tokens dropped. With a KV cache the cut happens once, at prefill; decode
-steps attend the same kept set (the README's cached variant).
+steps attend the same kept set (the README's cached variant). Survivors keep their
+original position ids, as in the reference (C1 step 4); ``positions="compact"``
+re-indexes them 0..L'-1 (what a shorter ``inputs_embeds`` gives, convention 0.5.5).
 """
 
 from __future__ import annotations

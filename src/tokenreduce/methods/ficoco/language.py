@@ -25,7 +25,10 @@ layer l's MLP runs on the unreduced set. The KV caches match the reference's
 layer does not reduce (nothing after it would see the result), so with the defaults
 on 32 layers the visual tokens drop by r at layers 6..31 (576 -> 212 at layer 31;
 the reference's 27th reduction, at layer 31, changes no output). Survivors keep
-their original RoPE positions (the reference re-indexes, convention 0.5.5).
+their original RoPE positions by default (convention 0.5.5); the reference re-indexes
+them 0..L'-1 (C5.5), available as ``positions="compact"``, whose decode positions move
+back by what each layer's own cache lost rather than by the reference's in-place
+edit, which lags each layer's cache by r.
 Decisions are per sample and the visual span comes from ``input_ids``.
 
 Budgets (sec. E5): ``keep`` / ``ratio`` split the removal evenly over the reducing

@@ -5,7 +5,10 @@ The reference enables both stages with two module globals (``merge_visual`` for 
 staged method (:mod:`..staged`): FiCoCo-V at the vision tower's merge slots (hook
 H1), FiCoCo-L at the decoder's cuts (H4), so FiCoCo-L scores and merges the
 visual tokens FiCoCo-V left, at the placeholder positions of the patches they
-came from (positions ``"original"``, DESIGN.md sec. 4.3).
+came from (positions ``"original"``, DESIGN.md sec. 4.3). With ``positions="compact"``
+in both stages (they must agree, :class:`~tokenreduce.methods.staged.StagedConfig`)
+the shortened prompt and every cut are numbered contiguously, as the reference's
+shorter sequences are (METHODS.md C5.5).
 
 Budget: each stage takes its own explicit settings; the defaults are each card's
 (METHODS.md C6.2: V r = 42 per layer from the second half of the tower, L r = 14

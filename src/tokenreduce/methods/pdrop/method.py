@@ -9,8 +9,9 @@ row, mean over heads), top-k, order kept. Defaults are the official code's:
 ``layer_list = [8, 16, 24]`` of LLaVA-1.5-7B's 32 layers, lambda = 0.5 (576 ->
 288 / 144 / 72, about 270 layer-averaged tokens). Without ``layers`` the stages
 are the quarter points of the decoder, round(L * s / 4) for s = 1, 2, 3, which
-is exactly [8, 16, 24] at L = 32 and keeps the 4-stage pyramid on other depths. Survivors keep their original positions (the reference
-re-indexes them; convention 0.5.5).
+is exactly [8, 16, 24] at L = 32 and keeps the 4-stage pyramid on other depths. Survivors keep their original positions by
+default (convention 0.5.5); the reference re-indexes them contiguously and shifts the
+decode positions per stage (C2 step 4), available as ``positions="compact"``.
 
 Budgets: ``ratios`` gives the retention of each stage explicitly (non-increasing);
 ``keep`` (layer-averaged visual tokens, sec. E4) or ``ratio`` (layer-averaged

@@ -29,9 +29,9 @@ schedule nearest the target and scales it by one factor s, round(k * s * N / 576
 s = 1 is the published schedule, reached at its own T_eq: without recycling, with
 the cuts after layers 2 / 6 / 15 of 32, that is 202.75 / 140.81 / 79.19 for v1.5's
 "192 / 128 / 64" settings (the labels understate it, issues #29 / #33), so ``keep``
-keeps naming the settings. Survivors keep their original RoPE positions in both
-modes (the v1.5 reference re-indexes them, convention 0.5.5; the re-index compat
-mode is not implemented).
+keeps naming the settings. Survivors keep their original RoPE positions by default
+in both modes (convention 0.5.5); the v1.5 reference re-indexes them (C3 step 5),
+available in either mode as ``positions="compact"``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ survives at its own original position and its hidden state becomes the plain mea
 of its cluster, through :func:`~tokenreduce.ops.merge.apply_plan` (unit sizes and
 weights: (x_c + sum x_d) / (1 + |d|)). The recycled tokens are visual tokens from
 then on (later cuts score, prune or recycle them like any other, as in the
-reference) and they count in ``stats()`` (METHODS.md E4).
+reference) and they count in ``stats()`` (METHODS.md E4). Under
+``positions="compact"`` the survivors are re-indexed in sequence order, so a centre
+is numbered where it stands, not after the kept visual tokens as in the reference.
 """
 
 from __future__ import annotations
