@@ -44,26 +44,39 @@ class ReductionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BudgetConfig(ReductionConfig):
-    """A config whose strength is a token budget.
-
-    ``keep`` is the number of reducible tokens (patches; never [CLS] or registers)
-    left after the method's last reduction; ``ratio`` is the fraction of reducible
-    tokens removed (0 = the unmodified model). Give one of them, or the method's
-    own knob where it has one (ToMe's ``r``).
+class PositionsConfig(ReductionConfig):
+    """A config whose reduced tokens may feed a language model with position ids.
 
     ``positions`` matters where the reduced tokens feed a language model with position
     ids (VLMs): ``"original"`` (default, DESIGN.md sec. 4.3) keeps every surviving
     token at its original position and continues decoding after the original length;
     ``"compact"`` re-indexes the shortened sequence contiguously, as reference
-    implementations that build shorter ``inputs_embeds`` do. It exists to reproduce
-    them: a model trained on full-length prompts loses its layout under it. Models
-    without position ids (ViT classifiers) accept only ``"original"``.
+    implementations that build shorter ``inputs_embeds`` do (in-LLM methods: from each
+    cut on, with decode positions shifted per stage). It exists to reproduce them: a
+    model trained on full-length prompts loses its layout under it. Models without
+    contiguous position ids (ViT classifiers, Qwen's M-RoPE) accept only
+    ``"original"`` (``Adapter.position_modes``).
+    """
+
+    positions: Literal["original", "compact"] = "original"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "positions", POSITION_MODES)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BudgetConfig(PositionsConfig):
+    """A config whose strength is a token budget.
+
+    ``keep`` is the number of reducible tokens (patches; never [CLS] or registers)
+    left after the method's last reduction; ``ratio`` is the fraction of reducible
+    tokens removed (0 = the unmodified model). Give one of them, or the method's
+    own knob where it has one (ToMe's ``r``). ``positions``: :class:`PositionsConfig`.
     """
 
     keep: int | None = None
     ratio: float | None = None
-    positions: Literal["original", "compact"] = "original"
 
     def validate(self) -> None:
         super().validate()
@@ -76,7 +89,6 @@ class BudgetConfig(ReductionConfig):
                     f"{type(self).__name__}: ratio={self.ratio!r} is invalid; ratio is the fraction of tokens removed, "
                     "a number in [0, 1) (0 = no reduction)"
                 )
-        check_choice(self, "positions", POSITION_MODES)
         if self.keep is not None and self.ratio is not None:
             raise ConfigError(f"{type(self).__name__}: give keep or ratio, not both (got keep={self.keep}, ratio={self.ratio})")
 

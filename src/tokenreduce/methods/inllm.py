@@ -19,12 +19,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from ..budget import Knob, solve_knob, tokens_to_remove
-from ..config import POSITION_MODES, BudgetConfig, ReductionConfig, check_choice
+from ..config import BudgetConfig, PositionsConfig
 from ..errors import ConfigError
 from ..measure.flops import transformer_block_flops
 from ..ops.merge import TokenPlan, kept_first, last_true
@@ -76,7 +76,7 @@ def visual_per_layer(visual: int, cuts: Cuts, layers: int) -> list[int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecoderBudgetConfig(ReductionConfig):
+class DecoderBudgetConfig(PositionsConfig):
     """The two budgets every in-LLM config accepts besides its own knobs (METHODS.md sec. E4-E5, convention 0.5.8).
 
     ``equivalent_tokens``: the layer-averaged visual count T_eq = (1/L) sum_l n_v(l)
@@ -92,22 +92,19 @@ class DecoderBudgetConfig(ReductionConfig):
     ``budget_fields`` names the config's own budget fields: at most one of them and
     these two may be given.
 
-    ``positions`` (as :class:`~tokenreduce.config.BudgetConfig` documents it, here for
-    every in-LLM config): ``"original"`` (default, convention 0.5.5) keeps each
-    survivor's RoPE position; ``"compact"`` re-indexes the survivors contiguously from
-    each cut on and shifts the decode positions per stage, as the PDrop, SparseVLM
-    v1.5 and FiCoCo-L references do (METHODS.md C2 step 4, C3 step 5, C5.5). Only
-    decoders with contiguous 1-D positions offer it (``Adapter.position_modes``).
+    ``positions`` (:class:`~tokenreduce.config.PositionsConfig`): ``"original"``
+    (default, convention 0.5.5) keeps each survivor's RoPE position; ``"compact"``
+    re-indexes the survivors contiguously from each cut on and shifts the decode
+    positions per stage, as the PDrop, SparseVLM v1.5 and FiCoCo-L references do
+    (METHODS.md C2 step 4, C3 step 5, C5.5).
     """
 
     budget_fields: ClassVar[tuple[str, ...]] = ()
     equivalent_tokens: float | None = None
     tflops: float | None = None
-    positions: Literal["original", "compact"] = "original"
 
     def validate(self) -> None:
         super().validate()
-        check_choice(self, "positions", POSITION_MODES)
         for name in ("equivalent_tokens", "tflops"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf):
