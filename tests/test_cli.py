@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import vit_fixtures as fx
 
-from tokenreduce import cli
+import tokenreduce as tr
+from tokenreduce import bench, cli
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -63,8 +64,6 @@ def test_viz_draws_every_supported_method(saved_vit, tmp_path, capsys):
 
 
 def test_surviving_patches_match_the_budget():
-    import tokenreduce as tr
-
     model = fx.build("hf_vit_cls")
     with tr.apply(model, tr.UniformConfig(keep=16)) as handle:
         fx.output(model, fx.images(2))
@@ -134,20 +133,35 @@ def test_compare_puts_pre_and_in_llm_methods_at_one_equivalent_budget_in_one_col
     inside = _result("zoo:m", {"method": "base", "config": None, "accuracy": 0.9},
                      {"method": "fastv", "config": {"keep": None, "equivalent_tokens": 64}, "accuracy": 0.7, "gflops": 0.6},
                      {"method": "fastv", "config": {"keep": None, "equivalent_tokens": 128}, "accuracy": 0.85, "gflops": 0.7})
-    other = _result("zoo:m", {"method": "fastv", "config": {"equivalent_tokens": 64, "mode": "x"}, "agreement": 0.5})
+    other = _result("zoo:m", {"method": "fastv", "config": {"equivalent_tokens": 64, "mode": "x"}, "agreement": 0.5},
+                    {"method": "sparsevlm", "config": {"keep": None, "schedule": [100, 50, 20]}, "accuracy": 0.6},
+                    {"method": "ficoco_vl", "config": {"vision": {"r": 42}, "language": {"r": None}}, "accuracy": 0.5})
     paths = []
     for name, data in (("pre", pre), ("inside", inside), ("other", other)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(data))
     assert cli.main(["compare", *map(str, paths)]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "| method | T_eq 128 | T_eq 64 |",
-        "|---|---|---|",
-        "| base (256 tokens) | 90.0 (1.000) | 90.0 (1.000) |",
-        "| random | - | 80.0 (0.500) |",
-        "| fastv | 85.0 (0.700) | 70.0 (0.600) |",
-        "| fastv (other) | - | 50.0 (1.000) |",  # no labels: agreement with the unreduced model
+        "| method | T_eq 128 | T_eq 64 | schedule (100, 50, 20) | default |",
+        "|---|---|---|---|---|",
+        "| base (256 tokens) | 90.0 (1.000) | 90.0 (1.000) | 90.0 (1.000) | 90.0 (1.000) |",
+        "| random | - | 80.0 (0.500) | - | - |",
+        "| fastv | 85.0 (0.700) | 70.0 (0.600) | - | - |",
+        "| fastv (other) | - | 50.0 (1.000) | - | - |",  # no labels: agreement with the unreduced model
+        "| sparsevlm | - | - | 60.0 (1.000) | - |",
+        "| ficoco_vl | - | - | - | 50.0 (1.000) |",  # the last stage's budget names the column
     ]
     (tmp_path / "elsewhere.json").write_text(json.dumps(_result("zoo:n")))
     assert cli.main(["compare", str(paths[0]), str(tmp_path / "elsewhere.json")]) == 2
     assert "different models ['zoo:m', 'zoo:n']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"fastvv.layer": 1}, r"--set names fastvv, which this run does not measure \(methods: fastv, ficoco_vl\)"),
+    ({"ficoco_vl.visoin.keep": 160}, r"FiCoCoVLConfig takes its settings per stage \(vision, language\).*got visoin.keep"),
+    ({"positions": "compact"}, r"FiCoCoVLConfig takes its settings per stage.*got positions"),
+])
+def test_set_keys_that_reach_no_config_are_refused(extra, message):
+    """A misspelt method or stage in --set must not be silently dropped."""
+    with pytest.raises(tr.ConfigError, match=message):
+        bench.sweep_configs(["fastv", "ficoco_vl"], [], [], extra, [128])

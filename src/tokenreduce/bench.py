@@ -258,6 +258,9 @@ def sweep_configs(
             f"{', '.join(staged)} take(s) no single keep / ratio budget: each stage has its own settings "
             "(--set METHOD.STAGE.FIELD=VALUE, e.g. ficoco_vl.vision.keep=160), and --equivalent-tokens goes to the last stage"
         )
+    strangers = sorted({key.split(".", 1)[0] for key in extra if "." in key} - set(methods))
+    if strangers:
+        raise ConfigError(f"--set names {', '.join(strangers)}, which this run does not measure (methods: {', '.join(methods)})")
     configs = []
     for method in methods:
         own = {key: value for key, value in extra.items() if "." not in key}
@@ -275,6 +278,12 @@ def _config(config_class: type[ReductionConfig], budget: dict[str, Any], setting
     if issubclass(config_class, StagedConfig):
         hints = typing.get_type_hints(config_class)
         names = [f.name for f in fields(config_class)]
+        unknown = sorted(key for key in settings if key.split(".", 1)[0] not in names or "." not in key)
+        if unknown:
+            raise ConfigError(
+                f"{config_class.__name__} takes its settings per stage ({', '.join(names)}): --set METHOD.STAGE.FIELD=VALUE; "
+                f"got {', '.join(unknown)}"
+            )
         stages = {}
         for name in names:
             mine = {key.split(".", 1)[1]: value for key, value in settings.items() if key.startswith(name + ".")}
@@ -311,16 +320,28 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
     return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines)
 
 
+BUDGET_KEYS = ("keep", "ratio", "equivalent_tokens", "tflops", "r", "keep_rate", "schedule")
+"""A config's strength fields, in the order a table names them (the first one set is the budget)."""
+
+
+def _budget(config: dict[str, Any]) -> tuple[str, Any] | None:
+    """(field, value) of a single-stage config's budget, or None when it runs on its defaults."""
+    return next(((key, config[key]) for key in BUDGET_KEYS if config.get(key) is not None), None)
+
+
+def _stages(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A staged method's stage configs by name (empty for a single-stage config)."""
+    return {name: value for name, value in config.items() if isinstance(value, dict)}
+
+
 def _budget_label(config: dict[str, Any] | None) -> str:
     if not config:
         return "-"
-    stages = {name: value for name, value in config.items() if isinstance(value, dict)}  # a staged method's stage configs
+    stages = _stages(config)
     if stages:
         return " ".join(f"{name}:{_budget_label(stage)}" for name, stage in stages.items())
-    for key in ("keep", "ratio", "equivalent_tokens", "tflops", "r", "keep_rate", "schedule"):
-        if config.get(key) is not None:
-            return f"{key}={config[key]}"
-    return "default"
+    budget = _budget(config)
+    return "default" if budget is None else f"{budget[0]}={budget[1]}"
 
 
 def compare_table(results: list[tuple[str, dict[str, Any]]]) -> str:
@@ -348,19 +369,29 @@ def compare_table(results: list[tuple[str, dict[str, Any]]]) -> str:
             labels += [label] if label not in labels else []
             columns += [column] if column not in columns else []
             cells[label, column] = _score(row)
-    columns.sort(key=lambda c: (not c.startswith("T_eq"), -float(c.split()[-1])))
-    head = f"| method | {' | '.join(columns)} |\n|---{'|---' * len(columns)}|\n"
+    columns.sort(key=_column_order)
+    names = [title if value is None else f"{title} {value}" for title, value in columns]
+    head = f"| method | {' | '.join(names)} |\n|---{'|---' * len(columns)}|\n"
     first = f"| base ({base['tokens_out']} tokens) | {' | '.join([_score(base)] * len(columns))} |\n" if base else ""
     return head + first + "".join(f"| {label} | {' | '.join(cells.get((label, c), '-') for c in columns)} |\n" for label in labels)
 
 
-def _budget_column(config: dict[str, Any]) -> str:
-    stages = [value for value in config.values() if isinstance(value, dict)]
-    budget = stages[-1] if stages else config
-    for key, title in (("equivalent_tokens", "T_eq"), ("keep", "T_eq"), ("ratio", "ratio"), ("tflops", "TFLOPs")):
-        if budget.get(key) is not None:
-            return f"{title} {budget[key]}"
-    return "T_eq default"
+def _budget_column(config: dict[str, Any]) -> tuple[str, Any]:
+    """The column of a row: ("T_eq", T) for keep=T and equivalent_tokens=T, else (field, value), ("default", None)."""
+    stages = list(_stages(config).values())
+    budget = _budget(stages[-1] if stages else config)
+    if budget is None:
+        return "default", None
+    key, value = budget
+    value = tuple(value) if isinstance(value, list) else value  # a schedule, read back from JSON
+    return ("T_eq", value) if key in ("keep", "equivalent_tokens") else (key, value)
+
+
+def _column_order(column: tuple[str, Any]) -> tuple:
+    """T_eq columns first, largest first; then other budgets by field and value; defaults last."""
+    title, value = column
+    number = -float(value) if isinstance(value, (int, float)) else 0.0
+    return (title != "T_eq", title == "default", title, number, str(value))
 
 
 def _score(row: dict[str, Any]) -> str:
