@@ -99,6 +99,7 @@ def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
             f"{config.method} acts on {sorted(method_cls.sites)} sites but {type(model).__name__} offers {sorted(adapter.sites)}; "
             f"methods for this model: {', '.join(supported(model))}"
         )
+    adapter.site = site  # what the adapter touches may depend on the site (Qwen-VL: the merger or the language model)
     busy = [m for m in adapter.modules_touched() if m in _ATTACHED]
     if busy:
         raise AlreadyAppliedError(
@@ -107,7 +108,7 @@ def apply(model: nn.Module | Any, config: ReductionConfig) -> Handle:
         )
     method = _bind(method_cls, config, adapter, site)
     undo, run = attach_stages(adapter, method) if isinstance(method, Staged) else adapter.attach(method)
-    adapter.site = site
+    adapter.site = site  # binding a staged method moved it from stage to stage
     handle = Handle(model, config, method, adapter, undo, run)
     for module in handle._modules:
         _ATTACHED[module] = handle
