@@ -28,7 +28,7 @@ from tokenreduce.methods.pdrop import PDrop
 from tokenreduce.methods.sparsevlm import SparseVLM
 from tokenreduce.methods.sparsevlm.recycling import with_recycling
 
-VICUNA_7B = DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, layers=32)
+VICUNA_7B = DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, layers=32, mlp_matrices=3)
 FACTS = {"num_layers": 32, "reducible_tokens": 576, "decoder": VICUNA_7B}
 VISUAL, LENGTH = 576, 640
 METHODS = {"fastv": (FastV, tr.FastVConfig), "dart": (DART, tr.DARTConfig), "pdrop": (PDrop, tr.PDropConfig),
