@@ -21,9 +21,10 @@ What is measured, and how
 1. FLOPs of one prefill, counted (``count_flops``) per component: vision tower,
    projector, LLM, LM head. The LLM is counted as it ran, i.e. each layer on its own
    sequence length. Two cross-checks: ``bench_vlm_prefill``'s per-layer formula on
-   the tokens hooks saw entering every attention and MLP, and the same formula fed
-   with the schedule the method reports (``stats()["sequence_per_layer"]``; the
-   result is also what ``stats()["prefill_flops"]`` reports, checked by the test); the
+   the tokens hooks saw entering every attention and MLP, and the library's own
+   decoder FLOPs model (``decoder_shape(config).prefill_flops``) fed with the
+   schedule the method reports (``stats()["sequence_per_layer"]``; the result must
+   equal what ``stats()["prefill_flops"]`` reports, checked by the test); the
    LLM residual against the schedule is the method's own matrix products (FastV's
    last-row scores, PyramidDrop's probe P2: the cut layer's k projection of every
    token and q of the last one). FLOPs-ideal speed-up = base / reduced FLOPs.
@@ -92,8 +93,9 @@ from torch import nn
 import tokenreduce as tr
 from tokenreduce import registry
 from tokenreduce.adapters import decoder as decoder_adapter
+from tokenreduce.adapters.decoder import decoder_shape
 from tokenreduce.config import ReductionConfig
-from tokenreduce.measure import Timing, analyse_overhead, profile_calls, time_interleaved, transformer_block_flops
+from tokenreduce.measure import Timing, analyse_overhead, profile_calls, time_interleaved
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 
 from bench_vlm_prefill import (
@@ -126,11 +128,6 @@ def kv_bytes(sequence_per_layer: list[int], shape: Shape, itemsize: int) -> int:
     """Bytes of a batch-1 KV cache holding ``sequence_per_layer[l]`` tokens at layer ``l`` (keys + values, GQA width)."""
     kv_dim = shape.kv_heads * shape.dim // shape.heads
     return sum(2 * n * kv_dim * itemsize for n in sequence_per_layer)
-
-
-def schedule_llm_flops(sequence_per_layer: list[int], shape: Shape) -> int:
-    """LLM FLOPs predicted from the per-layer sequence lengths a method reports, without the method's own work."""
-    return sum(transformer_block_flops(n, shape.dim, shape.mlp, shape.kv_heads / shape.heads, mlp_matrices=3) for n in sequence_per_layer)
 
 
 # --------------------------------------------------------------------------- overhead instrumentation
@@ -302,9 +299,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flops = count_candidates(shape, models, fns, handles, skipped)
         names = list(models)
         schedule: dict[str, dict[str, Any]] = {}
+        # the library's decoder FLOPs model (the one stats() and tflops budgets use), fed the schedule each method reports
+        decoder = decoder_shape(run.model.config.get_text_config())
         for name in names:  # each method's own stats, unchanged by the other candidates' prefills
             schedule[name] = candidate_schedule(handles.get(name), shape, prompt, dtype)
-            flops[name]["schedule_llm"] = schedule_llm_flops(schedule[name]["sequence_per_layer"], shape)
+            flops[name]["schedule_llm"] = decoder.prefill_flops(schedule[name]["sequence_per_layer"])
             flops[name]["llm_residual"] = flops[name]["counted"]["llm"] - flops[name]["schedule_llm"]
 
         # ------------------------------------------------------------ 2. prefill latency, interleaved, with component timers

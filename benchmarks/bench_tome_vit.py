@@ -53,7 +53,6 @@ import argparse
 import copy
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -70,7 +69,7 @@ from tokenreduce.measure import (
 )
 from tokenreduce.merge_slot import OVERHEAD_LABEL
 
-from common import log, report_contention
+from common import log, report_contention, write_results
 
 TARGET_EFFICIENCY = 0.9
 BASE = "base"
@@ -356,10 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["profiles"] = {n: {k: v for k, v in p.items() if k != "table"} for n, p in profiles.items()}
 
     print_report(args, facts, flops, cross, rows, timings, block_times, profiles, results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        print(f"\nwrote {args.out}")
+    write_results(args.out, results)
     return results
 
 

@@ -17,7 +17,7 @@ from test_inllm_contract import LAYERS, TEXTS, deep_llava
 
 import tokenreduce as tr
 from tokenreduce.adapters.decoder import decoder_shape
-from tokenreduce.budget import pyramid_ratio, solve_knob
+from tokenreduce.budget import solve_knob
 from tokenreduce.errors import ConfigError
 from tokenreduce.measure import count_flops
 from tokenreduce.methods.dart import DART
@@ -28,7 +28,7 @@ from tokenreduce.methods.pdrop import PDrop
 from tokenreduce.methods.sparsevlm import SparseVLM
 from tokenreduce.methods.sparsevlm.recycling import with_recycling
 
-VICUNA_7B = DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, layers=32)
+VICUNA_7B = DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, layers=32, mlp_matrices=3)
 FACTS = {"num_layers": 32, "reducible_tokens": 576, "decoder": VICUNA_7B}
 VISUAL, LENGTH = 576, 640
 METHODS = {"fastv": (FastV, tr.FastVConfig), "dart": (DART, tr.DARTConfig), "pdrop": (PDrop, tr.PDropConfig),
@@ -88,7 +88,8 @@ def test_pdrop_solves_the_closed_form_lambda():
     method = build("pdrop", equivalent_tokens=270)
     measure = lambda c: method.equivalent_tokens(VISUAL, c)  # noqa: E731
     lam, cuts = solve_knob(method.knob(VISUAL, measure, 270), measure, 270)
-    assert lam == pytest.approx(0.5, abs=1e-6) == pytest.approx(pyramid_ratio(270 / 576, (8, 16, 24), 32), abs=1e-6)
+    assert lam == pytest.approx(0.5, abs=1e-6)
+    assert (1 + lam + lam**2 + lam**3) / 4 == pytest.approx(270 / 576, abs=1e-6)
     assert cuts == method.cuts(VISUAL) == [(8, 288), (16, 144), (24, 72)]
 
 

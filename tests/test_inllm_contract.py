@@ -515,12 +515,15 @@ def test_pdrop_defaults_and_budget_solver():
     method = PDrop(tr.PDropConfig(), facts)
     assert method.cuts(576) == [(8, 288), (16, 144), (24, 72)]  # lambda = 0.5 at [8, 16, 24]: 270 layer-averaged tokens
     assert PDrop(tr.PDropConfig(), {"num_layers": 4, "reducible_tokens": 144}).cuts(144) == [(1, 72), (2, 36), (3, 18)]
-    solved = PDrop(tr.PDropConfig(keep=270), facts)
-    assert solved.retention(576) == pytest.approx([0.5, 0.25, 0.125], abs=1e-6)
-    assert solved.cuts(576) == [(8, 288), (16, 144), (24, 72)]
+    # keep / ratio are T_eq budgets solved like equivalent_tokens: the same schedule for the same T_eq (270 = (1 - 0.53125) * 576)
+    for budget in (dict(keep=270), dict(ratio=0.53125), dict(equivalent_tokens=270)):
+        assert PDrop(tr.PDropConfig(**budget), facts).cuts(576) == [(8, 288), (16, 144), (24, 72)], budget
+    assert PDrop(tr.PDropConfig(keep=271), facts).cuts(576) == PDrop(tr.PDropConfig(equivalent_tokens=271), facts).cuts(576)
     assert PDrop(tr.PDropConfig(ratio=0.0), facts).cuts(576) == [(8, 576), (16, 576), (24, 576)]
-    with pytest.raises(tr.ConfigError, match=r"out of reach with cuts at \[8, 16, 24\] of 32 layers \(at least 0.250"):
+    with pytest.raises(tr.ConfigError, match=r"keep=100 is out of reach for this prompt \(576 visual tokens\): its schedules reach keep 144 \(lam=0\) to 576 \(lam=1\)"):
         PDrop(tr.PDropConfig(keep=100), facts)
+    with pytest.raises(tr.ConfigError, match=r"ratio=0.8 is out of reach for this prompt \(576 visual tokens\): its schedules reach ratio 0.75 \(lam=0\) to 0 \(lam=1\)"):
+        PDrop(tr.PDropConfig(ratio=0.8), facts)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -84,32 +84,6 @@ def geometric_counts(start: int, end: int, steps: int) -> list[int]:
     return counts + [end]
 
 
-def pyramid_ratio(target: float, stages: Sequence[int], num_layers: int, tolerance: float = 1e-9) -> float:
-    """PyramidDrop's lambda for a layer-averaged budget (METHODS.md sec. E4-E5), by bisection.
-
-    With cuts at layers ``stages`` (increasing), stage s keeps lambda**s of the visual
-    tokens, so the layer-averaged fraction is
-    (stages[0] + sum_s (stages[s+1] - stages[s]) * lambda**(s+1)) / num_layers,
-    with stages[S] = num_layers: increasing in lambda, from stages[0] / L at 0 to 1 at 1.
-    ``target`` is that fraction (T_eq / N). Returns lambda in [0, 1].
-    """
-    bounds = [*stages, num_layers]
-
-    def average(lam: float) -> float:
-        return (bounds[0] + sum((bounds[s + 1] - bounds[s]) * lam ** (s + 1) for s in range(len(stages)))) / num_layers
-
-    if not average(0.0) <= target <= 1.0:
-        raise ConfigError(
-            f"PDropConfig: a layer-averaged budget of {target:.3f} of the visual tokens is out of reach with cuts at {list(stages)} "
-            f"of {num_layers} layers (at least {average(0.0):.3f}: the layers before the first cut see every token)"
-        )
-    low, high = 0.0, 1.0
-    while high - low > tolerance:
-        mid = (low + high) / 2
-        low, high = (mid, high) if average(mid) < target else (low, mid)
-    return (low + high) / 2
-
-
 @dataclass(frozen=True)
 class Knob(Generic[Schedule]):
     """A method's one-parameter family of schedules, the thing a budget is solved into (METHODS.md sec. E5).

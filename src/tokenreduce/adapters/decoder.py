@@ -125,12 +125,17 @@ def _register_probe_attention() -> None:
 
 
 def decoder_shape(config: Any) -> DecoderShape:
-    """The dimensions of a Llama-family decoder from its (text) config, for ``facts["decoder"]`` (FLOPs budgets and stats)."""
+    """The dimensions of a Llama-family decoder from its (text) config, for ``facts["decoder"]`` (FLOPs budgets and stats).
+
+    The family's MLP is gated (SwiGLU: gate, up and down projections), hence three
+    d x m matrices; the methods' FLOPs count takes that from here, not from a guess.
+    """
     heads = config.num_attention_heads
     return DecoderShape(
         hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, layers=config.num_hidden_layers,
+        mlp_matrices=3,
     )
 
 

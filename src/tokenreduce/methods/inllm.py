@@ -43,7 +43,9 @@ class DecoderShape:
     products of every decoder layer at the sequence length that layer actually
     runs on, i.e. the q/k/v/o projections (grouped-query K/V narrower), Q K^T and
     A V over the full n x n square (causal masking is not discounted, as in
-    ``FlopCounterMode``) and a gated (SwiGLU, three-matrix) MLP. Not counted: the
+    ``FlopCounterMode``) and the MLP's ``mlp_matrices`` d x m products. How many
+    those are is the architecture's fact (3 for a gated SwiGLU MLP, 2 for a plain
+    one), so the adapter that reads the config states it and this only counts. Not counted: the
     LM head (its cost depends on how many logits the caller keeps, not on the
     reduction), embeddings, the vision tower and projector, norms, softmax and
     elementwise ops, and a method's own scoring (probe rows, similarity blocks).
@@ -55,11 +57,12 @@ class DecoderShape:
     kv_heads: int
     head_dim: int
     layers: int
+    mlp_matrices: int
 
     def layer_flops(self, tokens: int) -> int:
         """FLOPs of one decoder layer's prefill on ``tokens`` tokens (:func:`transformer_block_flops`)."""
         return transformer_block_flops(tokens, self.hidden, self.intermediate, Fraction(self.kv_heads, self.heads),
-                                       mlp_matrices=3, attention_dim=self.heads * self.head_dim)
+                                       mlp_matrices=self.mlp_matrices, attention_dim=self.heads * self.head_dim)
 
     def prefill_flops(self, lengths: Sequence[int]) -> int:
         """FLOPs of one sample's prefill when layer l runs on ``lengths[l]`` tokens (sec. E2: sum over the layers)."""

@@ -14,11 +14,12 @@ default (convention 0.5.5); the reference re-indexes them contiguously and shift
 decode positions per stage (C2 step 4), available as ``positions="compact"``.
 
 Budgets: ``ratios`` gives the retention of each stage explicitly (non-increasing);
-``keep`` (layer-averaged visual tokens, sec. E4) or ``ratio`` (layer-averaged
-fraction removed) solves lambda by bisection (sec. E5); otherwise ``lam``. The
-``equivalent_tokens`` / ``tflops`` budgets solve lambda for the achieved (floored)
-schedule instead, so T_eq never exceeds the target: 270 of 576 at 32 layers gives
-lambda = 0.5 as (1 + l + l^2 + l^3) / 4 = 270 / 576 does.
+otherwise ``lam``, unless a budget is given. ``keep`` (layer-averaged visual tokens,
+sec. E4) and ``ratio`` (layer-averaged fraction removed, i.e. T_eq = (1 - ratio) * N)
+are T_eq budgets, so they go through the same solver as ``equivalent_tokens``
+(sec. E5): lambda is solved for the achieved (floored) schedule, T_eq never exceeds
+the target, and ``keep=T`` and ``equivalent_tokens=T`` give one schedule. 270 of 576
+at 32 layers gives lambda = 0.5 as (1 + l + l^2 + l^3) / 4 = 270 / 576 does.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from ...budget import Knob, pyramid_ratio
+from ...budget import Knob
 from ...config import BudgetConfig, check_layers, check_range
 from ...errors import ConfigError
 from ...ops.scoring import query_rows_attention
@@ -89,21 +90,21 @@ class PDrop(DecoderMethod):
             raise ConfigError(f"PDropConfig: this {self.num_layers}-layer decoder is too shallow for {STAGES} stages; give layers=(...)")
         return self.layers
 
-    def retention(self, visual: int) -> list[float]:
-        """Fraction of the ``visual`` tokens each stage keeps: the config's ratios, lam**s, or lam solved from the budget."""
+    def configured_cuts(self, visual: int) -> Cuts:
+        """The config's ratios, lam**s, or the schedule solved from ``keep`` / ``ratio`` as a T_eq budget."""
         config = self.config
         if config.ratios is not None:
-            return list(config.ratios)
-        lam = config.lam
-        if config.keep is not None or config.ratio is not None:
-            if config.keep is not None and config.keep > visual:
+            return self._stages(visual, list(config.ratios))
+        if config.keep is None and config.ratio is None:
+            return self._stages(visual, self._pyramid(config.lam))
+        prompt = f"{visual} visual tokens"
+        if config.keep is not None:
+            if config.keep > visual:
                 raise ConfigError(f"PDropConfig: keep={config.keep} is larger than the {visual} reducible tokens of this input")
-            target = config.keep / visual if config.keep is not None else 1.0 - config.ratio
-            lam = pyramid_ratio(target, self.layers, self.num_layers)
-        return self._pyramid(lam)
-
-    def configured_cuts(self, visual: int) -> Cuts:
-        return self._stages(visual, self.retention(visual))
+            return self._solve(visual, "keep", config.keep, 1.0, lambda cuts: self.equivalent_tokens(visual, cuts), prompt)
+        # measured as minus the layer-averaged tokens removed, in units of -N: non-decreasing in lambda as the solver
+        # needs, the target is T_eq = (1 - ratio) * N, and the reach its error states reads as a ratio
+        return self._solve(visual, "ratio", config.ratio, -visual, lambda cuts: -(visual - self.equivalent_tokens(visual, cuts)), prompt)
 
     def knob(self, visual: int, measure: Callable[[Cuts], float], target: float) -> Knob[Cuts]:
         return Knob("lam", 0.0, 1.0, integer=False, schedule=lambda lam: self._stages(visual, self._pyramid(lam)))
