@@ -209,6 +209,7 @@ class DecoderMethod(Method):
 
     def __init__(self, config: Any, facts: dict[str, Any]) -> None:
         super().__init__(config, facts)
+        self._solved: dict[tuple[int, int | None], Cuts] = {}
         self.cut_layers()
         if config.tflops is not None and facts.get("decoder") is None:
             raise ConfigError(f"{type(config).__name__}: tflops needs the decoder's dimensions, which this model's adapter does not describe")
@@ -226,7 +227,19 @@ class DecoderMethod(Method):
         Called at apply when the adapter knows the count, else at each prefill: a
         budget the prompt cannot meet raises :class:`ConfigError` there, before
         anything runs. ``length`` is needed by a ``tflops`` budget only.
+
+        Cached per (visual, length), the length only under a ``tflops`` budget: the
+        config is frozen and ``configured_cuts`` / ``knob`` are pure, and a prefill
+        would otherwise re-solve a budget (a FLOPs solve costs tens of milliseconds on
+        a deep decoder) for every prompt of a count it has already seen.
         """
+        key = (visual, length if self.config.tflops is not None else None)
+        if key not in self._solved:
+            self._solved[key] = self._uncached_cuts(visual, length)
+        return list(self._solved[key])
+
+    def _uncached_cuts(self, visual: int, length: int | None) -> Cuts:
+        """:meth:`cuts` solved afresh."""
         config = self.config
         if config.equivalent_tokens is None and config.tflops is None:
             return self.configured_cuts(visual)
