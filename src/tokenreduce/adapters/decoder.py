@@ -14,18 +14,20 @@ on the decoder layers rewrite their inputs:
   hidden states entering K are gathered. Text always survives.
 * Samples may hold different numbers of visual tokens (AnyRes images of different
   sizes, several images in one sample, none), and each keeps what the method's
-  ``cuts()`` gives for its own count. The batch stays rectangular: after a cut it
+  ``cuts()`` gives for its own count (and, under a ``tflops`` budget, its own
+  unpadded length). The batch stays rectangular: after a cut it
   is as long as its longest sample's live tokens (text and kept visual ones), and
   every shorter sample fills up with its other columns: its padding first, then
   earlier fillers and the tokens just removed, in sequence order. Fillers are
   *dead*: zeroed in the 2-D mask every later layer's mask is built from, in the
   prefill and at every decode step, and never visual or text to a method again,
   so the live tokens attend exactly as in the sample's own run. A padded batch
-  whose samples share the visual count keeps exactly its padding as fillers.
-  Methods score rectangular blocks of visual tokens, so a
-  batch with different counts is scored and cut sample by sample, each on its
-  own slice (decisions are per sample anyway, convention 0.5.7); a batch whose
-  samples share the count runs every method call once for the whole batch.
+  whose samples share the visual count and cuts keeps exactly its padding as
+  fillers. Methods score rectangular blocks of visual tokens and keep one count
+  per site, so a batch with different counts or cuts is scored and cut sample by
+  sample, each on its own slice (decisions are per sample anyway, convention
+  0.5.7); a batch whose samples share them runs every method call once for the
+  whole batch.
 * Every layer >= K then receives, instead of the model's full-length tensors,
   the position embeddings (cos, sin) and position ids *gathered* at the
   survivors' original columns (survivors keep their RoPE positions, convention
@@ -170,7 +172,7 @@ class Pass:
     dead: torch.Tensor | None = None  # [B, N] bool, fillers: columns kept only so that the batch stays rectangular
     query: torch.Tensor | None = None  # [B] last real token, current index
     cuts: dict[int, list[int]] = field(default_factory=dict)  # layer -> visual tokens each sample keeps from it on
-    ragged: bool = False  # samples have different visual counts: scored and cut sample by sample
+    ragged: bool = False  # samples have different visual counts or cuts (a tflops budget at different lengths): scored and cut sample by sample
     attention_mask: Any = None  # the mask of the current stage
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids: torch.Tensor | None = None
@@ -302,9 +304,10 @@ class DecoderRun:
             return
         _check_cache(cache)
         counts = visual.sum(dim=1).tolist()
-        cuts = self._cuts(counts, length)
+        real = mask2d.sum(dim=1).tolist() if mask2d is not None else [length] * len(counts)
+        cuts = self._cuts(counts, real)
         self.images, self.visual_in = sum(n > 0 for n in counts), counts
-        self._record_schedule(counts, mask2d.sum(dim=1).tolist() if mask2d is not None else [length] * len(counts), length, cuts)
+        self._record_schedule(counts, real, length, cuts)
         if all(keep >= n for sample, n in zip(cuts, counts) for keep in sample.values()):
             return
         batch, device = visual.shape[0], visual.device
@@ -313,23 +316,26 @@ class DecoderRun:
             decode=False, mask2d=mask2d, visual=visual, dead=torch.zeros_like(visual),
             columns=torch.arange(length, device=device).expand(batch, length),
             query=last_real_token(mask2d, batch, length, device), cuts={layer: [sample[layer] for sample in cuts] for layer in cuts[0]},
-            ragged=len(set(counts)) > 1, length=length, inputs=inputs, input_visual=visual,
+            ragged=len({(n, tuple(at.values())) for n, at in zip(counts, cuts)}) > 1, length=length, inputs=inputs, input_visual=visual,
         )
 
-    def _cuts(self, counts: list[int], length: int) -> list[dict[int, int]]:
-        """Each sample's cuts {layer: visual tokens kept from that layer on}, solved once per visual count in the batch.
+    def _cuts(self, counts: list[int], real: list[int]) -> list[dict[int, int]]:
+        """Each sample's cuts {layer: visual tokens kept from that layer on}, solved for its visual count and real length.
 
-        A budget a count cannot meet raises the method's ConfigError here, before any
-        layer runs. A sample without visual tokens has nothing to cut (it keeps 0 at
-        every cut layer). Cut layers never depend on the count, so one set of layers
-        serves the batch.
+        ``real``: each sample's unpadded tokens. A ``tflops`` budget is solved for the
+        sample's own prompt, not the padded batch's length, so that a sample cuts in a
+        batch as in its own run (convention 0.5.7); other budgets ignore the length
+        and the method caches each solve. A budget a sample cannot meet raises the
+        method's ConfigError here, before any layer runs. A sample without visual
+        tokens has nothing to cut (it keeps 0 at every cut layer). Cut layers never
+        depend on the prompt, so one set of layers serves the batch.
         """
-        solved = {n: dict(self.method.cuts(n, length)) for n in sorted(set(counts)) if n > 0}
+        solved = {(n, t): dict(self.method.cuts(n, t)) for n, t in sorted(set(zip(counts, real))) if n > 0}
         layers = {tuple(cuts) for cuts in solved.values()}
         if len(layers) > 1:
-            raise RuntimeError(f"tokenreduce: {type(self.method).__name__}.cuts() names different layers for different visual counts: {sorted(layers)}")
+            raise RuntimeError(f"tokenreduce: {type(self.method).__name__}.cuts() names different layers for different prompts: {sorted(layers)}")
         empty = dict.fromkeys(layers.pop(), 0)
-        return [solved.get(n, empty) for n in counts]
+        return [solved.get(key, empty) for key in zip(counts, real)]
 
     def _record_schedule(self, counts: list[int], real: list[int], length: int, cuts: list[dict[int, int]]) -> None:
         """Visual tokens of each sample and the batch's length at every layer (after a cut: the most live tokens of a sample).
@@ -435,7 +441,7 @@ class DecoderRun:
         """The method's cut as [B, N] bool survivors (non-visual tokens and kept visual ones), with the plans that merge.
 
         Methods score rectangular blocks of visual tokens, so a batch whose samples
-        have different visual counts is scored (:meth:`observer`) and cut sample by
+        have different visual counts or cuts is scored (:meth:`observer`) and cut sample by
         sample, each on its own slice of the batch, as decisions are per sample anyway
         (convention 0.5.7); a sample that removes nothing here is not asked.
         """
