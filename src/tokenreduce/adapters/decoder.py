@@ -98,7 +98,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..merge_slot import OVERHEAD_LABEL
-from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, visible_keys
+from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, layer_schedule, visible_keys
 from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
@@ -338,21 +338,12 @@ class DecoderRun:
         return [solved.get(key, empty) for key in zip(counts, real)]
 
     def _record_schedule(self, counts: list[int], real: list[int], length: int, cuts: list[dict[int, int]]) -> None:
-        """Visual tokens of each sample and the batch's length at every layer (after a cut: the most live tokens of a sample).
+        """Visual tokens of each sample and the batch's length at every layer (:func:`layer_schedule`).
 
         ``real``: each sample's unpadded tokens.
         """
-        current, live, width = list(counts), list(real), length
-        self.visual_per_sample, self.sequence_per_layer = [[] for _ in counts], []
-        for layer in range(len(self.layers)):
-            kept = [min(n, at.get(layer, n)) for n, at in zip(current, cuts)]
-            if kept != current:
-                live = [t - n + k for t, n, k in zip(live, current, kept)]
-                width = max(live)
-            current = kept
-            for row, n in zip(self.visual_per_sample, current):
-                row.append(n)
-            self.sequence_per_layer.append(width)
+        self.visual_per_sample, self.sequence_per_layer = layer_schedule(
+            counts, real, [list(at.items()) for at in cuts], len(self.layers), length)
 
     def enter(self, layer: int, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """Decoder-layer pre-hook: cut at a cut layer, then hand every later layer the sliced inputs."""

@@ -75,6 +75,24 @@ def visual_per_layer(visual: int, cuts: Cuts, layers: int) -> list[int]:
     return counts
 
 
+def layer_schedule(visual: Sequence[int], real: Sequence[int], cuts: Sequence[Cuts], layers: int, length: int) -> tuple[list[list[int]], list[int]]:
+    """Visual tokens of each sample and the batch's sequence length at each of ``layers`` decoder layers.
+
+    visual / real / cuts: each sample's visual tokens, unpadded tokens and cuts; length:
+    the batch's (padded) prompt length. The one derivation of lengths per layer,
+    shared by the machinery's stats and the FLOPs budget (a single sample of ``real``
+    = ``length``), so the two cannot drift apart. Until some sample loses a visual
+    token the batch keeps its full length; from then on it is as long as its longest
+    sample's live tokens (text and kept visual ones), as the machinery cuts it.
+    """
+    counts = [visual_per_layer(n, at, layers) for n, at in zip(visual, cuts)]
+    sequence = []
+    for layer in range(layers):
+        cut = any(row[layer] < n for row, n in zip(counts, visual))
+        sequence.append(max(t - n + row[layer] for row, n, t in zip(counts, visual, real)) if cut else length)
+    return counts, sequence
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderBudgetConfig(ReductionConfig):
     """The two budgets every in-LLM config accepts besides its own knobs (METHODS.md sec. E4-E5, convention 0.5.8).
@@ -269,8 +287,7 @@ class DecoderMethod(Method):
 
     def prefill_flops(self, visual: int, length: int, cuts: Cuts) -> int:
         """One sample's decoder prefill FLOPs for a ``length``-token prompt with ``visual`` visual tokens (:class:`DecoderShape`)."""
-        text = length - visual
-        return self.facts["decoder"].prefill_flops([text + n for n in visual_per_layer(visual, cuts, self.num_layers)])
+        return self.facts["decoder"].prefill_flops(layer_schedule([visual], [length], [cuts], self.num_layers, length)[1])
 
     def _solve(self, visual: int, field: str, target: float, unit: float, measure: Callable[[Cuts], float], prompt: str) -> Cuts:
         """The generic budget solver: the knob's schedule whose ``measure`` is the largest not above ``target * unit``.
