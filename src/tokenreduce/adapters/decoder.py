@@ -392,9 +392,7 @@ class DecoderRun:
         position = torch.arange(n, device=hidden.device)
         rank = torch.where(dropped, position + n * ~padding, 2 * n).argsort(dim=1).argsort(dim=1)
         kept = true_indices(survivors | (dropped & (rank < width - count)), width)
-        cut = gather_tokens(hidden, kept)
-        for rows, plan in plans:
-            cut[rows] = apply_plan(_widen(plan, kept[rows], n), hidden[rows])[0]
+        cut = _cut_hidden(hidden, kept, plans)
         run.query = output_index(kept, n).gather(1, run.query[:, None])[:, 0]
         run.dead = dropped.gather(1, kept)
         run.columns, run.visual = run.columns.gather(1, kept), run.visual.gather(1, kept) & ~run.dead
@@ -549,6 +547,28 @@ def _survivors(choice: torch.Tensor | TokenPlan, visual: torch.Tensor, keep: int
         _check_plan(choice, visual, visual.shape[1] - int(visual[0].sum()) + keep)
         return torch.zeros_like(visual).scatter(1, choice.keep, True), choice
     return (~visual).scatter(1, choice, True), None
+
+
+def _cut_hidden(hidden: torch.Tensor, kept: torch.Tensor, plans: list[tuple[slice, TokenPlan]]) -> torch.Tensor:
+    """Hidden states [B, N, C] at the [B, K] ``kept`` columns, merged where a sample's cut returned a plan.
+
+    Each row is computed once: a plan covering the batch is the whole result, and
+    otherwise only the rows without a plan are gathered (a merge reads the full
+    hidden states, so gathering its rows first would be thrown away).
+    """
+    n = hidden.shape[1]
+    if len(plans) == 1 and plans[0][0] == slice(None):
+        return apply_plan(_widen(plans[0][1], kept, n), hidden)[0]
+    if not plans:
+        return gather_tokens(hidden, kept)
+    cut = hidden.new_empty(*kept.shape, hidden.shape[2])
+    planned = {rows.start for rows, _ in plans}
+    plain = [b for b in range(kept.shape[0]) if b not in planned]
+    if plain:
+        cut[plain] = gather_tokens(hidden[plain], kept[plain])
+    for rows, plan in plans:
+        cut[rows] = apply_plan(_widen(plan, kept[rows], n), hidden[rows])[0]
+    return cut
 
 
 def _widen(plan: TokenPlan, keep: torch.Tensor, n: int) -> TokenPlan:
