@@ -144,11 +144,15 @@ def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device
 
 
 class Stage(NamedTuple):
-    """The tokens that layers from ``first`` on hold, for decode steps to follow."""
+    """The tokens that layers from ``first`` on hold, for decode steps to follow.
+
+    ``attended`` is the stage's part of every decode step's 2-D mask, fixed at the
+    cut, so that a step only appends its own columns to it.
+    """
 
     first: int
-    columns: torch.Tensor  # [B, n] original column of each token
-    live: torch.Tensor | None  # [B, n] bool, False at dead columns (None: there are none)
+    width: int  # n, the tokens the stage's layers hold
+    attended: torch.Tensor | None  # [B, n] 2-D mask of the stage's tokens: padding and dead columns 0 (None: all attended)
     shift: torch.Tensor | None  # [B] real tokens removed before this stage, which its decode positions move back by (None: original positions)
 
 
@@ -159,6 +163,7 @@ class Prefill:
     cache: Any  # weakref to the KV cache the cut prefill filled
     length: int  # prompt length before any cut
     stages: list[Stage]
+    stage_at: list[Stage | None]  # layer -> the stage it belongs to (None: before the first cut)
 
 
 @dataclass
@@ -397,9 +402,10 @@ class DecoderRun:
         run.dead = dropped.gather(1, kept)
         run.columns, run.visual = run.columns.gather(1, kept), run.visual.gather(1, kept) & ~run.dead
         shift = self._positions(cut, kwargs)
-        run.attention_mask = self._mask(layer, cut, run.attended(), kwargs.get("past_key_values"))
+        attended = run.attended()
+        run.attention_mask = self._mask(layer, cut, attended, kwargs.get("past_key_values"))
         run.cut = True
-        run.stages.append(Stage(layer, run.columns, ~run.dead if bool(run.dead.any()) else None, shift))
+        run.stages.append(Stage(layer, kept.shape[1], attended, shift))
         self.kept[layer] = [row[visual].tolist() for row, visual in zip(run.columns, run.visual)]
         return cut
 
@@ -457,19 +463,17 @@ class DecoderRun:
 
     def _follow(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         run, prefill = self.current, self.prefill
-        stages = [stage for stage in prefill.stages if stage.first <= layer]
-        if not stages:
+        stage = prefill.stage_at[layer]
+        if stage is None:
             return None
-        stage = stages[-1]
         if stage.first == layer:
-            total = run.past + hidden.shape[1]
             mask2d = None
-            if run.mask2d is not None or stage.live is not None:
-                tail = torch.arange(prefill.length, total, device=hidden.device).expand(hidden.shape[0], -1)
-                columns = torch.cat([stage.columns, tail], dim=1)
-                mask2d = run.mask2d.gather(1, columns) if run.mask2d is not None else torch.ones_like(columns)
-                if stage.live is not None:
-                    mask2d = mask2d * torch.cat([stage.live, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+            if run.mask2d is not None or stage.attended is not None:
+                batch, new = hidden.shape[:2]
+                ones = functools.partial(torch.ones, dtype=torch.long, device=hidden.device)
+                tail = run.mask2d[:, prefill.length : run.past + new] if run.mask2d is not None else ones(batch, run.past + new - prefill.length)
+                prefix = stage.attended if stage.attended is not None else ones(batch, stage.width)
+                mask2d = torch.cat([prefix.to(tail.dtype), tail], dim=1)
             run.attention_mask = self._mask(layer, hidden, mask2d, kwargs.get("past_key_values"))
             if stage.shift is not None:
                 run.position_ids = kwargs["position_ids"] - stage.shift[:, None]
@@ -525,7 +529,10 @@ class DecoderRun:
         cache = getattr(output, "past_key_values", None)
         self.kv_cache_bytes = _cache_bytes(cache)
         if cache is not None and run is not None and run.cut:
-            self.prefill = Prefill(weakref.ref(cache), run.length, run.stages)
+            stage_at: list[Stage | None] = [None] * len(self.layers)
+            for stage in run.stages:
+                stage_at[stage.first :] = [stage] * (len(self.layers) - stage.first)
+            self.prefill = Prefill(weakref.ref(cache), run.length, run.stages, stage_at)
 
 
 def _row(value: Any, b: int) -> Any:
