@@ -508,7 +508,7 @@ class DecoderRun:
                 query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
                 columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
                 input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
-                rope=run.rope[layer],
+                rope=run.rope[layer], rope_function=functools.partial(_apply_rope, self.layers[layer].self_attn),
             )
             with torch.profiler.record_function(OVERHEAD_LABEL):
                 if run.ragged:
@@ -628,6 +628,17 @@ def _gather_ids(t: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor |
         return None
     lead = t.shape[:-2]
     return t.expand(*lead, *columns.shape[:1], t.shape[-1]).gather(-1, columns.expand(*lead, -1, -1))
+
+
+def _apply_rope(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LayerAttention.rope_function``: the attention module's own ``apply_rotary_pos_emb``.
+
+    No rotation layout is assumed outside the model's code; the function is looked up
+    only when a method rotates, so models whose module names it otherwise still run
+    the methods that do not.
+    """
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb(query, key, cos, sin)
 
 
 def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embeddings: tuple[torch.Tensor, torch.Tensor],

@@ -196,8 +196,10 @@ class LayerAttention:
     the prompt, as SparseVLM's raters). rope: (cos, sin) [1 or B, N, d], the rotary
     embedding the layer applied to the current tokens' q and k, as its attention
     module received it (for scores that separate position from content, as
-    SparseVLM+'s gravity correction). Nothing here is an attention map: a method computes only the rows
-    and columns its card needs.
+    SparseVLM+'s gravity correction); rope_function(q, k, cos, sin) the model's own RoPE
+    function for this layer, which :meth:`rotate` applies at ``rope`` (so a method that
+    needs a rotation assumes no layout of its own). Nothing here is an attention map: a
+    method computes only the rows and columns its card needs.
     """
 
     query: torch.Tensor
@@ -212,6 +214,11 @@ class LayerAttention:
     input_visual: torch.Tensor
     input_text: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
+    rope_function: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+    def rotate(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k [B, H, N, d] over the current tokens, rotated as this layer rotated its own."""
+        return self.rope_function(query, key, *self.rope)
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows [B, R] (current indices) -> (q [B, H, R, d], valid [B, R, N] keys each row may see)."""
