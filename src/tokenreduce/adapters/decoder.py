@@ -189,19 +189,19 @@ class Pass:
     length: int = 0  # prefill: prompt length before any cut
     inputs: torch.Tensor | None = None  # prefill: [B, L, C] the decoder's input embeddings
     input_visual: torch.Tensor | None = None  # prefill: [B, L] bool, visual tokens of the prompt
+    input_real: torch.Tensor | None = None  # prefill: [B, L] bool, the prompt's unpadded tokens
+    input_text: torch.Tensor | None = None  # prefill: [B, L] bool, its unpadded non-visual tokens
+    # prefill, changed only by a cut (every observed layer and cut between two cuts reads them):
+    attended: torch.Tensor | None = None  # [B, N] 2-D mask of the current tokens: padding and dead columns 0 (None: all attended)
+    text: torch.Tensor | None = None  # [B, N] bool, the current real (unpadded, live) non-visual tokens
 
-    def attended(self) -> torch.Tensor | None:
-        """[B, N] 2-D mask of the current tokens: the padding mask at their columns, 0 at dead ones (None: all attended)."""
+    def settle(self) -> None:
+        """Derive ``attended`` and ``text`` from the current columns, visual and dead tokens (at the prefill's start and after each cut)."""
         padding = self.mask2d.gather(1, self.columns) if self.mask2d is not None else None
-        if not bool(self.dead.any()):
-            return padding
-        return (~self.dead).long() if padding is None else padding * ~self.dead
-
-    def text(self) -> torch.Tensor:
-        """[B, N] bool: the current real (unpadded, live) non-visual tokens."""
-        attended = self.attended()
-        real = attended.bool() if attended is not None else torch.ones_like(self.visual)
-        return real & ~self.visual
+        if bool(self.dead.any()):
+            padding = (~self.dead).long() if padding is None else padding * ~self.dead
+        self.attended = padding
+        self.text = (padding.bool() if padding is not None else torch.ones_like(self.visual)) & ~self.visual
 
 
 @dataclass
@@ -221,7 +221,7 @@ class DecoderRun:
     visual_in: list[int] = field(default_factory=list)  # per sample
     visual_per_sample: list[list[int]] = field(default_factory=list)  # [B][layer]
     sequence_per_layer: list[int] = field(default_factory=list)
-    kept: dict[int, list[list[int]]] = field(default_factory=dict)
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (columns, visual) after its cut
     kv_cache_bytes: int | None = None  # held by the cache after the last forward (None without a cache)
 
     def expect_visual(self, visual: torch.Tensor | None) -> None:
@@ -258,7 +258,7 @@ class DecoderRun:
             "equivalent_tokens": sum(visual) / layers,
             "kv_cache_bytes": self.kv_cache_bytes,
             **self._flops(),
-            "kept": {layer: [list(row) for row in rows] for layer, rows in self.kept.items()},
+            "kept": {layer: [row[visual].tolist() for row, visual in zip(columns, visuals)] for layer, (columns, visuals) in self.kept.items()},
             "prefills": self.prefills,
         }
         if self.images == 0 and self.prefills:
@@ -317,12 +317,15 @@ class DecoderRun:
             return
         batch, device = visual.shape[0], visual.device
         inputs = embeds if embeds is not None else self.decoder.get_input_embeddings()(kwargs.get("input_ids", args[0] if args else None))
+        real_tokens = mask2d.bool() if mask2d is not None else torch.ones_like(visual)
         self.current = Pass(
             decode=False, mask2d=mask2d, visual=visual, dead=torch.zeros_like(visual),
             columns=torch.arange(length, device=device).expand(batch, length),
             query=last_real_token(mask2d, batch, length, device), cuts={layer: [sample[layer] for sample in cuts] for layer in cuts[0]},
             ragged=len({(n, tuple(at.values())) for n, at in zip(counts, cuts)}) > 1, length=length, inputs=inputs, input_visual=visual,
+            input_real=real_tokens, input_text=real_tokens & ~visual,
         )
+        self.current.settle()
 
     def _cuts(self, counts: list[int], real: list[int]) -> list[dict[int, int]]:
         """Each sample's cuts {layer: visual tokens kept from that layer on}, solved for its visual count and real length.
@@ -358,9 +361,9 @@ class DecoderRun:
         hidden = args[0] if args else kwargs["hidden_states"]
         if run.decode:
             return self._follow(layer, hidden, args, kwargs)
-        if layer in run.cuts:
-            counts = run.visual.sum(dim=1).tolist()
-            keep = [min(k, n) for k, n in zip(run.cuts[layer], counts)]
+        if layer in run.cuts:  # the counts entering and leaving the cut, as begin's schedule predicted them
+            counts = [row[layer - 1] for row in self.visual_per_sample]
+            keep = [row[layer] for row in self.visual_per_sample]
             if keep != counts:
                 hidden = self._cut(layer, hidden, kwargs, keep, counts)
         if not run.cut:
@@ -384,15 +387,15 @@ class DecoderRun:
         embeddings = run.position_embeddings if run.cut else kwargs["position_embeddings"]
         mask = run.attention_mask if run.cut else kwargs.get("attention_mask")
         site = CutSite(
-            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text(), query=run.query, keep=keep[0],
+            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text, query=run.query, keep=keep[0],
             observed=run.observed, final_norm=self.decoder.norm,
             row_probe=functools.cache(lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask)),
         )
         survivors, plans = self._select(site, keep, counts)
-        survivors &= run.visual | run.text()
+        survivors &= run.visual | run.text
         count = survivors.sum(dim=1, keepdim=True)
         dropped = ~survivors
-        width = int(count.max())
+        width = self.sequence_per_layer[layer]  # the longest sample's live tokens (layer_schedule), read without a sync
         padding = run.mask2d.gather(1, run.columns) == 0 if run.mask2d is not None else torch.zeros_like(dropped)
         position = torch.arange(n, device=hidden.device)
         rank = torch.where(dropped, position + n * ~padding, 2 * n).argsort(dim=1).argsort(dim=1)
@@ -401,12 +404,12 @@ class DecoderRun:
         run.query = output_index(kept, n).gather(1, run.query[:, None])[:, 0]
         run.dead = dropped.gather(1, kept)
         run.columns, run.visual = run.columns.gather(1, kept), run.visual.gather(1, kept) & ~run.dead
+        run.settle()
         shift = self._positions(cut, kwargs)
-        attended = run.attended()
-        run.attention_mask = self._mask(layer, cut, attended, kwargs.get("past_key_values"))
+        run.attention_mask = self._mask(layer, cut, run.attended, kwargs.get("past_key_values"))
         run.cut = True
-        run.stages.append(Stage(layer, kept.shape[1], attended, shift))
-        self.kept[layer] = [row[visual].tolist() for row, visual in zip(run.columns, run.visual)]
+        run.stages.append(Stage(layer, width, run.attended, shift))
+        self.kept[layer] = (run.columns, run.visual)
         return cut
 
     def _positions(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -425,10 +428,8 @@ class DecoderRun:
             run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in kwargs["position_embeddings"])
             run.position_ids = ids
             return None
-        attended = run.attended()
-        live = attended.bool() if attended is not None else torch.ones_like(run.visual)
-        real = run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)
-        run.position_ids, shift = compact_ids(ids, run.columns, live, real)
+        live = run.attended.bool() if run.attended is not None else torch.ones_like(run.visual)
+        run.position_ids, shift = compact_ids(ids, run.columns, live, run.input_real)
         run.position_embeddings = self.decoder.rotary_emb(hidden, run.position_ids)
         return shift
 
@@ -505,9 +506,9 @@ class DecoderRun:
             if run is None or run.decode:
                 return
             attention = LayerAttention(
-                query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
+                query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text, last=run.query,
                 columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
-                input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
+                input_text=run.input_text,
                 rope=run.rope[layer], rope_function=functools.partial(_apply_rope, self.layers[layer].self_attn),
             )
             with torch.profiler.record_function(OVERHEAD_LABEL):
