@@ -105,7 +105,8 @@ class DecoderBudgetConfig(ReductionConfig):
     schedule whose value is the largest not exceeding the target; a target at or
     above the unreduced model's value runs unreduced, one below the method's reach
     is a :class:`ConfigError` stating the reachable range. A FLOPs target depends
-    on the prompt's length, so it is solved (and checked) at each prefill.
+    on the prompt's length, so it is solved (and checked) at the prefill, for each
+    sample at its own unpadded length (cached per length).
 
     ``budget_fields`` names the config's own budget fields: at most one of them and
     these two may be given.
