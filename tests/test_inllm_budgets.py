@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import vlm_fixtures as vf
-from test_inllm_contract import LAYERS, TEXTS, deep_llava
+from test_inllm_contract import LAYERS, TEXTS, check_padded_batch_equals_samples_one_by_one, deep_llava, llava_batch
 
 import tokenreduce as tr
 from tokenreduce.adapters.decoder import decoder_shape
@@ -211,8 +211,13 @@ def test_equivalent_tokens_end_to_end(model, inputs, config, per_layer):
     assert stats["equivalent_tokens"] == sum(per_layer) / LAYERS <= config.equivalent_tokens
 
 
-def test_tflops_end_to_end_is_solved_at_the_prefill(model, inputs):
+def test_tflops_end_to_end_is_solved_at_the_prefill(model):
+    """Prompts of one length: each sample is solved at that length (padded batches: the per-sample test below)."""
+    texts = [(before, after) for before, after in TEXTS if len(before) + len(after) == 5]
+    ids, mask = vf.batch([vf.prompt(before, after) for before, after in texts])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": vf.pixels(len(texts))}
     batch, length = inputs["input_ids"].shape
+    assert batch > 1
     shape = decoder_shape(model.config.text_config)
     keep_50 = shape.prefill_flops([length] * 2 + [length - 144 + 50] * 2)
     with tr.apply(model, tr.FastVConfig(layer=2, tflops=keep_50 / 1e12)) as handle:
@@ -224,6 +229,25 @@ def test_tflops_end_to_end_is_solved_at_the_prefill(model, inputs):
     with tr.apply(model, tr.FastVConfig(layer=2, tflops=1e-9)):
         with pytest.raises(ConfigError, match=r"tflops=1e-09 is out of reach"):
             model(**inputs)
+
+
+def test_a_tflops_budget_is_solved_for_each_sample_of_a_padded_batch(model):
+    """Prompts of different lengths, left-padded: each is solved at its own length, so the batch equals its samples (0.5.7).
+
+    The target keeps 50 of the shortest prompt's 144 visual tokens; solved at the
+    padded length, that sample would keep fewer.
+    """
+    llava = llava_batch(model, [1, 1, 1])
+    shortest = min(map(len, llava.prompts))
+    assert shortest < max(map(len, llava.prompts))
+    keep_50 = decoder_shape(model.config.text_config).prefill_flops([shortest] * 2 + [shortest - 144 + 50] * 2)
+    config = tr.FastVConfig(layer=2, tflops=keep_50 / 1e12)
+    check_padded_batch_equals_samples_one_by_one(llava, config, "left")
+    with tr.apply(model, config) as handle:
+        llava.run()
+        kept = [len(row) for row in handle.stats()["kept"][2]]
+    assert [k for k, prompt in zip(kept, llava.prompts) if len(prompt) == shortest] == [50]
+    assert all(k < 50 for k, prompt in zip(kept, llava.prompts) if len(prompt) > shortest)
 
 
 def test_an_unreachable_equivalent_token_count_is_refused_at_apply(model):

@@ -14,18 +14,20 @@ on the decoder layers rewrite their inputs:
   hidden states entering K are gathered. Text always survives.
 * Samples may hold different numbers of visual tokens (AnyRes images of different
   sizes, several images in one sample, none), and each keeps what the method's
-  ``cuts()`` gives for its own count. The batch stays rectangular: after a cut it
+  ``cuts()`` gives for its own count (and, under a ``tflops`` budget, its own
+  unpadded length). The batch stays rectangular: after a cut it
   is as long as its longest sample's live tokens (text and kept visual ones), and
   every shorter sample fills up with its other columns: its padding first, then
   earlier fillers and the tokens just removed, in sequence order. Fillers are
   *dead*: zeroed in the 2-D mask every later layer's mask is built from, in the
   prefill and at every decode step, and never visual or text to a method again,
   so the live tokens attend exactly as in the sample's own run. A padded batch
-  whose samples share the visual count keeps exactly its padding as fillers.
-  Methods score rectangular blocks of visual tokens, so a
-  batch with different counts is scored and cut sample by sample, each on its
-  own slice (decisions are per sample anyway, convention 0.5.7); a batch whose
-  samples share the count runs every method call once for the whole batch.
+  whose samples share the visual count and cuts keeps exactly its padding as
+  fillers. Methods score rectangular blocks of visual tokens and keep one count
+  per site, so a batch with different counts or cuts is scored and cut sample by
+  sample, each on its own slice (decisions are per sample anyway, convention
+  0.5.7); a batch whose samples share them runs every method call once for the
+  whole batch.
 * Every layer >= K then receives, instead of the model's full-length tensors,
   the position embeddings (cos, sin) and position ids *gathered* at the
   survivors' original columns (survivors keep their RoPE positions, convention
@@ -96,7 +98,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..merge_slot import OVERHEAD_LABEL
-from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, visible_keys
+from ..methods.inllm import CutSite, DecoderMethod, DecoderShape, LayerAttention, layer_schedule, visible_keys
 from ..ops.merge import TokenPlan, apply_plan, gather_tokens, last_true, output_index, true_indices
 from .base import Undo
 
@@ -147,11 +149,15 @@ def last_real_token(mask2d: torch.Tensor | None, batch: int, length: int, device
 
 
 class Stage(NamedTuple):
-    """The tokens that layers from ``first`` on hold, for decode steps to follow."""
+    """The tokens that layers from ``first`` on hold, for decode steps to follow.
+
+    ``attended`` is the stage's part of every decode step's 2-D mask, fixed at the
+    cut, so that a step only appends its own columns to it.
+    """
 
     first: int
-    columns: torch.Tensor  # [B, n] original column of each token
-    live: torch.Tensor | None  # [B, n] bool, False at dead columns (None: there are none)
+    width: int  # n, the tokens the stage's layers hold
+    attended: torch.Tensor | None  # [B, n] 2-D mask of the stage's tokens: padding and dead columns 0 (None: all attended)
     shift: torch.Tensor | None  # [B] real tokens removed before this stage, which its decode positions move back by (None: original positions)
 
 
@@ -162,6 +168,7 @@ class Prefill:
     cache: Any  # weakref to the KV cache the cut prefill filled
     length: int  # prompt length before any cut
     stages: list[Stage]
+    stage_at: list[Stage | None]  # layer -> the stage it belongs to (None: before the first cut)
 
 
 @dataclass
@@ -175,7 +182,7 @@ class Pass:
     dead: torch.Tensor | None = None  # [B, N] bool, fillers: columns kept only so that the batch stays rectangular
     query: torch.Tensor | None = None  # [B] last real token, current index
     cuts: dict[int, list[int]] = field(default_factory=dict)  # layer -> visual tokens each sample keeps from it on
-    ragged: bool = False  # samples have different visual counts: scored and cut sample by sample
+    ragged: bool = False  # samples have different visual counts or cuts (a tflops budget at different lengths): scored and cut sample by sample
     attention_mask: Any = None  # the mask of the current stage
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids: torch.Tensor | None = None
@@ -187,19 +194,19 @@ class Pass:
     length: int = 0  # prefill: prompt length before any cut
     inputs: torch.Tensor | None = None  # prefill: [B, L, C] the decoder's input embeddings
     input_visual: torch.Tensor | None = None  # prefill: [B, L] bool, visual tokens of the prompt
+    input_real: torch.Tensor | None = None  # prefill: [B, L] bool, the prompt's unpadded tokens
+    input_text: torch.Tensor | None = None  # prefill: [B, L] bool, its unpadded non-visual tokens
+    # prefill, changed only by a cut (every observed layer and cut between two cuts reads them):
+    attended: torch.Tensor | None = None  # [B, N] 2-D mask of the current tokens: padding and dead columns 0 (None: all attended)
+    text: torch.Tensor | None = None  # [B, N] bool, the current real (unpadded, live) non-visual tokens
 
-    def attended(self) -> torch.Tensor | None:
-        """[B, N] 2-D mask of the current tokens: the padding mask at their columns, 0 at dead ones (None: all attended)."""
+    def settle(self) -> None:
+        """Derive ``attended`` and ``text`` from the current columns, visual and dead tokens (at the prefill's start and after each cut)."""
         padding = self.mask2d.gather(1, self.columns) if self.mask2d is not None else None
-        if not bool(self.dead.any()):
-            return padding
-        return (~self.dead).long() if padding is None else padding * ~self.dead
-
-    def text(self) -> torch.Tensor:
-        """[B, N] bool: the current real (unpadded, live) non-visual tokens."""
-        attended = self.attended()
-        real = attended.bool() if attended is not None else torch.ones_like(self.visual)
-        return real & ~self.visual
+        if bool(self.dead.any()):
+            padding = (~self.dead).long() if padding is None else padding * ~self.dead
+        self.attended = padding
+        self.text = (padding.bool() if padding is not None else torch.ones_like(self.visual)) & ~self.visual
 
 
 @dataclass
@@ -219,7 +226,7 @@ class DecoderRun:
     visual_in: list[int] = field(default_factory=list)  # per sample
     visual_per_sample: list[list[int]] = field(default_factory=list)  # [B][layer]
     sequence_per_layer: list[int] = field(default_factory=list)
-    kept: dict[int, list[list[int]]] = field(default_factory=dict)
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (columns, visual) after its cut
     kv_cache_bytes: int | None = None  # held by the cache after the last forward (None without a cache)
 
     def expect_visual(self, visual: torch.Tensor | None) -> None:
@@ -256,7 +263,7 @@ class DecoderRun:
             "equivalent_tokens": sum(visual) / layers,
             "kv_cache_bytes": self.kv_cache_bytes,
             **self._flops(),
-            "kept": {layer: [list(row) for row in rows] for layer, rows in self.kept.items()},
+            "kept": {layer: [row[visual].tolist() for row, visual in zip(columns, visuals)] for layer, (columns, visuals) in self.kept.items()},
             "prefills": self.prefills,
         }
         if self.images == 0 and self.prefills:
@@ -307,51 +314,49 @@ class DecoderRun:
             return
         _check_cache(cache)
         counts = visual.sum(dim=1).tolist()
-        cuts = self._cuts(counts, length)
+        real = mask2d.sum(dim=1).tolist() if mask2d is not None else [length] * len(counts)
+        cuts = self._cuts(counts, real)
         self.images, self.visual_in = sum(n > 0 for n in counts), counts
-        self._record_schedule(counts, mask2d.sum(dim=1).tolist() if mask2d is not None else [length] * len(counts), length, cuts)
+        self._record_schedule(counts, real, length, cuts)
         if all(keep >= n for sample, n in zip(cuts, counts) for keep in sample.values()):
             return
         batch, device = visual.shape[0], visual.device
         inputs = embeds if embeds is not None else self.decoder.get_input_embeddings()(kwargs.get("input_ids", args[0] if args else None))
+        real_tokens = mask2d.bool() if mask2d is not None else torch.ones_like(visual)
         self.current = Pass(
             decode=False, mask2d=mask2d, visual=visual, dead=torch.zeros_like(visual),
             columns=torch.arange(length, device=device).expand(batch, length),
             query=last_real_token(mask2d, batch, length, device), cuts={layer: [sample[layer] for sample in cuts] for layer in cuts[0]},
-            ragged=len(set(counts)) > 1, length=length, inputs=inputs, input_visual=visual,
+            ragged=len({(n, tuple(at.values())) for n, at in zip(counts, cuts)}) > 1, length=length, inputs=inputs, input_visual=visual,
+            input_real=real_tokens, input_text=real_tokens & ~visual,
         )
+        self.current.settle()
 
-    def _cuts(self, counts: list[int], length: int) -> list[dict[int, int]]:
-        """Each sample's cuts {layer: visual tokens kept from that layer on}, solved once per visual count in the batch.
+    def _cuts(self, counts: list[int], real: list[int]) -> list[dict[int, int]]:
+        """Each sample's cuts {layer: visual tokens kept from that layer on}, solved for its visual count and real length.
 
-        A budget a count cannot meet raises the method's ConfigError here, before any
-        layer runs. A sample without visual tokens has nothing to cut (it keeps 0 at
-        every cut layer). Cut layers never depend on the count, so one set of layers
-        serves the batch.
+        ``real``: each sample's unpadded tokens. A ``tflops`` budget is solved for the
+        sample's own prompt, not the padded batch's length, so that a sample cuts in a
+        batch as in its own run (convention 0.5.7); other budgets ignore the length
+        and the method caches each solve. A budget a sample cannot meet raises the
+        method's ConfigError here, before any layer runs. A sample without visual
+        tokens has nothing to cut (it keeps 0 at every cut layer). Cut layers never
+        depend on the prompt, so one set of layers serves the batch.
         """
-        solved = {n: dict(self.method.cuts(n, length)) for n in sorted(set(counts)) if n > 0}
+        solved = {(n, t): dict(self.method.cuts(n, t)) for n, t in sorted(set(zip(counts, real))) if n > 0}
         layers = {tuple(cuts) for cuts in solved.values()}
         if len(layers) > 1:
-            raise RuntimeError(f"tokenreduce: {type(self.method).__name__}.cuts() names different layers for different visual counts: {sorted(layers)}")
+            raise RuntimeError(f"tokenreduce: {type(self.method).__name__}.cuts() names different layers for different prompts: {sorted(layers)}")
         empty = dict.fromkeys(layers.pop(), 0)
-        return [solved.get(n, empty) for n in counts]
+        return [solved.get(key, empty) for key in zip(counts, real)]
 
     def _record_schedule(self, counts: list[int], real: list[int], length: int, cuts: list[dict[int, int]]) -> None:
-        """Visual tokens of each sample and the batch's length at every layer (after a cut: the most live tokens of a sample).
+        """Visual tokens of each sample and the batch's length at every layer (:func:`layer_schedule`).
 
         ``real``: each sample's unpadded tokens.
         """
-        current, live, width = list(counts), list(real), length
-        self.visual_per_sample, self.sequence_per_layer = [[] for _ in counts], []
-        for layer in range(len(self.layers)):
-            kept = [min(n, at.get(layer, n)) for n, at in zip(current, cuts)]
-            if kept != current:
-                live = [t - n + k for t, n, k in zip(live, current, kept)]
-                width = max(live)
-            current = kept
-            for row, n in zip(self.visual_per_sample, current):
-                row.append(n)
-            self.sequence_per_layer.append(width)
+        self.visual_per_sample, self.sequence_per_layer = layer_schedule(
+            counts, real, [list(at.items()) for at in cuts], len(self.layers), length)
 
     def enter(self, layer: int, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """Decoder-layer pre-hook: cut at a cut layer, then hand every later layer the sliced inputs."""
@@ -361,9 +366,9 @@ class DecoderRun:
         hidden = args[0] if args else kwargs["hidden_states"]
         if run.decode:
             return self._follow(layer, hidden, args, kwargs)
-        if layer in run.cuts:
-            counts = run.visual.sum(dim=1).tolist()
-            keep = [min(k, n) for k, n in zip(run.cuts[layer], counts)]
+        if layer in run.cuts:  # the counts entering and leaving the cut, as begin's schedule predicted them
+            counts = [row[layer - 1] for row in self.visual_per_sample]
+            keep = [row[layer] for row in self.visual_per_sample]
             if keep != counts:
                 hidden = self._cut(layer, hidden, kwargs, keep, counts)
         if not run.cut:
@@ -387,30 +392,29 @@ class DecoderRun:
         embeddings = run.position_embeddings if run.cut else kwargs["position_embeddings"]
         mask = run.attention_mask if run.cut else kwargs.get("attention_mask")
         site = CutSite(
-            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text(), query=run.query, keep=keep[0],
+            layer=layer, hidden=hidden, columns=run.columns, visual=run.visual, text=run.text, query=run.query, keep=keep[0],
             observed=run.observed, final_norm=self.decoder.norm,
             row_probe=functools.cache(lambda: _row_probe(self.layers[layer], hidden, run.query, embeddings, mask)),
         )
         survivors, plans = self._select(site, keep, counts)
-        survivors &= run.visual | run.text()
+        survivors &= run.visual | run.text
         count = survivors.sum(dim=1, keepdim=True)
         dropped = ~survivors
-        width = int(count.max())
+        width = self.sequence_per_layer[layer]  # the longest sample's live tokens (layer_schedule), read without a sync
         padding = run.mask2d.gather(1, run.columns) == 0 if run.mask2d is not None else torch.zeros_like(dropped)
         position = torch.arange(n, device=hidden.device)
         rank = torch.where(dropped, position + n * ~padding, 2 * n).argsort(dim=1).argsort(dim=1)
         kept = true_indices(survivors | (dropped & (rank < width - count)), width)
-        cut = gather_tokens(hidden, kept)
-        for rows, plan in plans:
-            cut[rows] = apply_plan(_widen(plan, kept[rows], n), hidden[rows])[0]
+        cut = _cut_hidden(hidden, kept, plans)
         run.query = output_index(kept, n).gather(1, run.query[:, None])[:, 0]
         run.dead = dropped.gather(1, kept)
         run.columns, run.visual = run.columns.gather(1, kept), run.visual.gather(1, kept) & ~run.dead
+        run.settle()
         shift = self._positions(cut, kwargs)
-        run.attention_mask = self._mask(layer, cut, run.attended(), kwargs.get("past_key_values"))
+        run.attention_mask = self._mask(layer, cut, run.attended, kwargs.get("past_key_values"))
         run.cut = True
-        run.stages.append(Stage(layer, run.columns, ~run.dead if bool(run.dead.any()) else None, shift))
-        self.kept[layer] = [row[visual].tolist() for row, visual in zip(run.columns, run.visual)]
+        run.stages.append(Stage(layer, width, run.attended, shift))
+        self.kept[layer] = (run.columns, run.visual)
         return cut
 
     def _positions(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -429,10 +433,8 @@ class DecoderRun:
             run.position_embeddings = tuple(_gather_embedding(t, run.columns) for t in kwargs["position_embeddings"])
             run.position_ids = ids
             return None
-        attended = run.attended()
-        live = attended.bool() if attended is not None else torch.ones_like(run.visual)
-        real = run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)
-        run.position_ids, shift = compact_ids(ids, run.columns, live, real)
+        live = run.attended.bool() if run.attended is not None else torch.ones_like(run.visual)
+        run.position_ids, shift = compact_ids(ids, run.columns, live, run.input_real)
         run.position_embeddings = self.decoder.rotary_emb(hidden, run.position_ids)
         return shift
 
@@ -440,7 +442,7 @@ class DecoderRun:
         """The method's cut as [B, N] bool survivors (non-visual tokens and kept visual ones), with the plans that merge.
 
         Methods score rectangular blocks of visual tokens, so a batch whose samples
-        have different visual counts is scored (:meth:`observer`) and cut sample by
+        have different visual counts or cuts is scored (:meth:`observer`) and cut sample by
         sample, each on its own slice of the batch, as decisions are per sample anyway
         (convention 0.5.7); a sample that removes nothing here is not asked.
         """
@@ -467,19 +469,17 @@ class DecoderRun:
 
     def _follow(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         run, prefill = self.current, self.prefill
-        stages = [stage for stage in prefill.stages if stage.first <= layer]
-        if not stages:
+        stage = prefill.stage_at[layer]
+        if stage is None:
             return None
-        stage = stages[-1]
         if stage.first == layer:
-            total = run.past + hidden.shape[1]
             mask2d = None
-            if run.mask2d is not None or stage.live is not None:
-                tail = torch.arange(prefill.length, total, device=hidden.device).expand(hidden.shape[0], -1)
-                columns = torch.cat([stage.columns, tail], dim=1)
-                mask2d = run.mask2d.gather(1, columns) if run.mask2d is not None else torch.ones_like(columns)
-                if stage.live is not None:
-                    mask2d = mask2d * torch.cat([stage.live, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+            if run.mask2d is not None or stage.attended is not None:
+                batch, new = hidden.shape[:2]
+                ones = functools.partial(torch.ones, dtype=torch.long, device=hidden.device)
+                tail = run.mask2d[:, prefill.length : run.past + new] if run.mask2d is not None else ones(batch, run.past + new - prefill.length)
+                prefix = stage.attended if stage.attended is not None else ones(batch, stage.width)
+                mask2d = torch.cat([prefix.to(tail.dtype), tail], dim=1)
             run.attention_mask = self._mask(layer, hidden, mask2d, kwargs.get("past_key_values"))
             if stage.shift is not None:
                 run.position_ids = kwargs["position_ids"] - stage.shift[:, None]
@@ -511,10 +511,10 @@ class DecoderRun:
             if run is None or run.decode:
                 return
             attention = LayerAttention(
-                query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text(), last=run.query,
+                query=query, key=key, mask=attention_mask, scale=scale, visual=run.visual, text=run.text, last=run.query,
                 columns=run.columns, inputs=run.inputs, input_visual=run.input_visual,
-                input_text=(run.mask2d.bool() if run.mask2d is not None else torch.ones_like(run.input_visual)) & ~run.input_visual,
-                rope=run.rope[layer],
+                input_text=run.input_text,
+                rope=run.rope[layer], rope_function=functools.partial(_apply_rope, self.layers[layer].self_attn),
             )
             with torch.profiler.record_function(OVERHEAD_LABEL):
                 if run.ragged:
@@ -535,7 +535,10 @@ class DecoderRun:
         cache = getattr(output, "past_key_values", None)
         self.kv_cache_bytes = _cache_bytes(cache)
         if cache is not None and run is not None and run.cut:
-            self.prefill = Prefill(weakref.ref(cache), run.length, run.stages)
+            stage_at: list[Stage | None] = [None] * len(self.layers)
+            for stage in run.stages:
+                stage_at[stage.first :] = [stage] * (len(self.layers) - stage.first)
+            self.prefill = Prefill(weakref.ref(cache), run.length, run.stages, stage_at)
 
 
 def _row(value: Any, b: int) -> Any:
@@ -557,6 +560,28 @@ def _survivors(choice: torch.Tensor | TokenPlan, visual: torch.Tensor, keep: int
         _check_plan(choice, visual, visual.shape[1] - int(visual[0].sum()) + keep)
         return torch.zeros_like(visual).scatter(1, choice.keep, True), choice
     return (~visual).scatter(1, choice, True), None
+
+
+def _cut_hidden(hidden: torch.Tensor, kept: torch.Tensor, plans: list[tuple[slice, TokenPlan]]) -> torch.Tensor:
+    """Hidden states [B, N, C] at the [B, K] ``kept`` columns, merged where a sample's cut returned a plan.
+
+    Each row is computed once: a plan covering the batch is the whole result, and
+    otherwise only the rows without a plan are gathered (a merge reads the full
+    hidden states, so gathering its rows first would be thrown away).
+    """
+    n = hidden.shape[1]
+    if len(plans) == 1 and plans[0][0] == slice(None):
+        return apply_plan(_widen(plans[0][1], kept, n), hidden)[0]
+    if not plans:
+        return gather_tokens(hidden, kept)
+    cut = hidden.new_empty(*kept.shape, hidden.shape[2])
+    planned = {rows.start for rows, _ in plans}
+    plain = [b for b in range(kept.shape[0]) if b not in planned]
+    if plain:
+        cut[plain] = gather_tokens(hidden[plain], kept[plain])
+    for rows, plan in plans:
+        cut[rows] = apply_plan(_widen(plan, kept[rows], n), hidden[rows])[0]
+    return cut
 
 
 def _widen(plan: TokenPlan, keep: torch.Tensor, n: int) -> TokenPlan:
@@ -609,6 +634,17 @@ def _gather_ids(t: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor |
         return None
     lead = t.shape[:-2]
     return t.expand(*lead, *columns.shape[:1], t.shape[-1]).gather(-1, columns.expand(*lead, -1, -1))
+
+
+def _apply_rope(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LayerAttention.rope_function``: the attention module's own ``apply_rotary_pos_emb``.
+
+    No rotation layout is assumed outside the model's code; the function is looked up
+    only when a method rotates, so models whose module names it otherwise still run
+    the methods that do not.
+    """
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb(query, key, cos, sin)
 
 
 def _row_probe(layer: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, embeddings: tuple[torch.Tensor, torch.Tensor],

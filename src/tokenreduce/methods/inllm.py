@@ -78,6 +78,24 @@ def visual_per_layer(visual: int, cuts: Cuts, layers: int) -> list[int]:
     return counts
 
 
+def layer_schedule(visual: Sequence[int], real: Sequence[int], cuts: Sequence[Cuts], layers: int, length: int) -> tuple[list[list[int]], list[int]]:
+    """Visual tokens of each sample and the batch's sequence length at each of ``layers`` decoder layers.
+
+    visual / real / cuts: each sample's visual tokens, unpadded tokens and cuts; length:
+    the batch's (padded) prompt length. The one derivation of lengths per layer,
+    shared by the machinery's stats and the FLOPs budget (a single sample of ``real``
+    = ``length``), so the two cannot drift apart. Until some sample loses a visual
+    token the batch keeps its full length; from then on it is as long as its longest
+    sample's live tokens (text and kept visual ones), as the machinery cuts it.
+    """
+    counts = [visual_per_layer(n, at, layers) for n, at in zip(visual, cuts)]
+    sequence = []
+    for layer in range(layers):
+        cut = any(row[layer] < n for row, n in zip(counts, visual))
+        sequence.append(max(t - n + row[layer] for row, n, t in zip(counts, visual, real)) if cut else length)
+    return counts, sequence
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderBudgetConfig(PositionsConfig):
     """The two budgets every in-LLM config accepts besides its own knobs (METHODS.md sec. E4-E5, convention 0.5.8).
@@ -90,7 +108,8 @@ class DecoderBudgetConfig(PositionsConfig):
     schedule whose value is the largest not exceeding the target; a target at or
     above the unreduced model's value runs unreduced, one below the method's reach
     is a :class:`ConfigError` stating the reachable range. A FLOPs target depends
-    on the prompt's length, so it is solved (and checked) at each prefill.
+    on the prompt's length, so it is solved (and checked) at the prefill, for each
+    sample at its own unpadded length (cached per length).
 
     ``budget_fields`` names the config's own budget fields: at most one of them and
     these two may be given.
@@ -178,8 +197,10 @@ class LayerAttention:
     the prompt, as SparseVLM's raters). rope: (cos, sin) [1 or B, N, d], the rotary
     embedding the layer applied to the current tokens' q and k, as its attention
     module received it (for scores that separate position from content, as
-    SparseVLM+'s gravity correction). Nothing here is an attention map: a method computes only the rows
-    and columns its card needs.
+    SparseVLM+'s gravity correction); rope_function(q, k, cos, sin) the model's own RoPE
+    function for this layer, which :meth:`rotate` applies at ``rope`` (so a method that
+    needs a rotation assumes no layout of its own). Nothing here is an attention map: a
+    method computes only the rows and columns its card needs.
     """
 
     query: torch.Tensor
@@ -194,6 +215,11 @@ class LayerAttention:
     input_visual: torch.Tensor
     input_text: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
+    rope_function: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+    def rotate(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k [B, H, N, d] over the current tokens, rotated as this layer rotated its own."""
+        return self.rope_function(query, key, *self.rope)
 
     def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows [B, R] (current indices) -> (q [B, H, R, d], valid [B, R, N] keys each row may see)."""
@@ -209,6 +235,7 @@ class DecoderMethod(Method):
 
     def __init__(self, config: Any, facts: dict[str, Any]) -> None:
         super().__init__(config, facts)
+        self._solved: dict[tuple[int, int | None], Cuts] = {}
         self.cut_layers()
         if config.tflops is not None and facts.get("decoder") is None:
             raise ConfigError(f"{type(config).__name__}: tflops needs the decoder's dimensions, which this model's adapter does not describe")
@@ -226,7 +253,19 @@ class DecoderMethod(Method):
         Called at apply when the adapter knows the count, else at each prefill: a
         budget the prompt cannot meet raises :class:`ConfigError` there, before
         anything runs. ``length`` is needed by a ``tflops`` budget only.
+
+        Cached per (visual, length), the length only under a ``tflops`` budget: the
+        config is frozen and ``configured_cuts`` / ``knob`` are pure, and a prefill
+        would otherwise re-solve a budget (a FLOPs solve costs tens of milliseconds on
+        a deep decoder) for every prompt of a count it has already seen.
         """
+        key = (visual, length if self.config.tflops is not None else None)
+        if key not in self._solved:
+            self._solved[key] = self._uncached_cuts(visual, length)
+        return list(self._solved[key])
+
+    def _uncached_cuts(self, visual: int, length: int | None) -> Cuts:
+        """:meth:`cuts` solved afresh."""
         config = self.config
         if config.equivalent_tokens is None and config.tflops is None:
             return self.configured_cuts(visual)
@@ -256,8 +295,7 @@ class DecoderMethod(Method):
 
     def prefill_flops(self, visual: int, length: int, cuts: Cuts) -> int:
         """One sample's decoder prefill FLOPs for a ``length``-token prompt with ``visual`` visual tokens (:class:`DecoderShape`)."""
-        text = length - visual
-        return self.facts["decoder"].prefill_flops([text + n for n in visual_per_layer(visual, cuts, self.num_layers)])
+        return self.facts["decoder"].prefill_flops(layer_schedule([visual], [length], [cuts], self.num_layers, length)[1])
 
     def _solve(self, visual: int, field: str, target: float, unit: float, measure: Callable[[Cuts], float], prompt: str) -> Cuts:
         """The generic budget solver: the knob's schedule whose ``measure`` is the largest not above ``target * unit``.

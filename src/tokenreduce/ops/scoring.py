@@ -178,21 +178,16 @@ def query_rows_head_attention(query_rows: torch.Tensor, key: torch.Tensor, scale
     return logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1)
 
 
-def rope_only_logits(rows: tuple[torch.Tensor, torch.Tensor], columns: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
-    """The attention logits positions alone produce: all-ones q and k rotated by RoPE, [B, R, N].
+def rope_only_logits(rows: torch.Tensor, columns: torch.Tensor, scale: float) -> torch.Tensor:
+    """The attention logits positions alone produce, [B, R, N], from all-ones q and k rotated by the layer's RoPE.
 
-    rows / columns: (cos, sin) [B, R, d] / [B, N, d] of the query rows and key columns, as
-    the layer rotates q and k (x cos + rotate_half(x) sin, the transformers convention).
-    SparseVLM+'s "attention gravity" (METHODS.md C3, official v2.0 code): the positional
-    bias that the text-to-visual attention is divided by.
+    rows [B, R, d] / columns [B, N, d]: all-ones vectors at the query rows' and key
+    columns' positions, rotated by the model's own RoPE function (the caller's job, so
+    that no rotation layout is assumed here). SparseVLM+'s "attention gravity"
+    (METHODS.md C3, official v2.0 code): the positional bias that the text-to-visual
+    attention is divided by.
     """
-
-    def rotated_ones(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = cos.shape[-1] // 2
-        sign = torch.cat([cos.new_full((half,), -1.0), cos.new_ones(cos.shape[-1] - half)]).float()
-        return cos.float() + sign * sin.float()  # ones * cos + rotate_half(ones) * sin
-
-    return (rotated_ones(*rows) @ rotated_ones(*columns).transpose(-1, -2)) * scale
+    return (rows.float() @ columns.float().transpose(-1, -2)) * scale
 
 
 def head_mean_logits(query_rows: torch.Tensor, key_columns: torch.Tensor, scale: float) -> torch.Tensor:

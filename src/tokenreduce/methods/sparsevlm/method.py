@@ -167,8 +167,10 @@ class SparseVLM(DecoderMethod):
         query_rows, valid = attention.rows(rows)
         probs = query_rows_head_attention(query_rows, attention.key, attention.scale, valid)  # [B, H, R, N]
         if self.config.mode == "v2":
-            cos, sin = (t.expand(rows.shape[0], -1, -1) for t in attention.rope)
-            rope_only = rope_only_logits((gather_tokens(cos, rows), gather_tokens(sin, rows)), (cos, sin), attention.query.shape[-1] ** -0.5)
+            batch, _, tokens, dim = attention.query.shape
+            ones = attention.query.new_ones(batch, 1, tokens, dim, dtype=torch.float32)
+            rotated = attention.rotate(ones, ones)[1][:, 0]  # [B, N, d]: q and k rotate alike
+            rope_only = rope_only_logits(gather_tokens(rotated, rows), rotated, dim**-0.5)
             per_row = priority_heads_mean(gravity_corrected(probs, rope_only, attention.visual), weight)
         else:
             per_row = probs.mean(dim=1)
